@@ -1,0 +1,2118 @@
+#!/usr/bin/env python3
+"""synchook: the guest side of Xen Orchestra's VM sync hook.
+
+Xen Orchestra (XO) calls ``GET /sync`` on a VM tagged ``xo:notify-on-snapshot``
+before it snapshots the VM, waits for the answer (60 s at most), snapshots, then
+calls ``GET /post-sync``.  synchook answers those calls by running the commands
+the admin configured (flush a database, ``fsfreeze -f /data``; then
+``fsfreeze -u /data``) and guarantees that every window it opened is closed:
+on /post-sync, after --max-hold seconds, on shutdown, and after a crash.
+
+One file, Python 3.6 or newer, standard library only.  Run ``synchook.py
+--help``; the README has the whole story.
+"""
+
+import sys
+
+# While a sync window is open the filesystem under us may be frozen, and a
+# blocked write would deadlock the thaw.  So: no .pyc writes, and every import
+# happens here, at start, never lazily while a window is open.
+sys.dont_write_bytecode = True
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import collections  # noqa: E402
+import datetime  # noqa: E402
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import http.client  # noqa: E402
+import http.server  # noqa: E402
+import io  # noqa: E402
+import ipaddress  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import queue  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import select  # noqa: E402
+import selectors  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import socketserver  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+
+try:
+    import ssl
+except ImportError:  # Python built without OpenSSL: plain HTTP only
+    ssl = None
+
+__version__ = "1.0.0"
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+PROG = "synchook"
+DEFAULT_PORT = 1727                # the port XO's bare tag calls
+XO_TIMEOUT = 60.0                  # how long XO waits for /sync (syncHookTimeout)
+TERM_GRACE = 2.0                   # SIGTERM to SIGKILL, for a process group
+KILL_WAIT = 2.0                    # how long to wait for a SIGKILLed child to be reaped
+DRAIN_GRACE = 0.5                  # output drained after the command exited
+HOLD_GRACE = 2.0                   # a hold command's time to end after stdin closes
+POLL = 0.2                         # slice of a running command's wait loop
+MAX_OUTPUT_LINE = 2000             # bytes of one output line that reach the log
+MAX_OUTPUT_LINES = 1000            # output lines logged per command; more are counted
+MAX_REQUEST_LINE = 8192            # bytes in the request line (414 beyond)
+MAX_HEADER_LINE = 8192             # bytes in one header line (431 beyond)
+MAX_HEADERS = 64                   # header lines per request (431 beyond)
+MAX_HEAD = 32768                   # bytes in request line plus headers
+LOG_QUEUE = 2000                   # log lines waiting for the writer; more are dropped
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_FACILITY = 3                # daemon
+CERT_FILE = "cert.pem"             # names inside --state-dir
+KEY_FILE = "key.pem"
+MARKER_FILE = "window.json"        # inside --runtime-dir while a window is open
+HOOK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+HOOK_LEFTOVER = re.compile(
+    r"\.(dpkg-[a-z]+|ucf-[a-z]+|rpmnew|rpmsave|rpmorig|orig|bak|swp|tmp|disabled)$")
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+JOURNAL_PRIORITY = {10: 7, 20: 6, 30: 4, 40: 3}   # sd-daemon(3) <N> prefixes
+LEVEL_NAMES = {10: "debug", 20: "info", 30: "warning", 40: "error"}
+
+# Control characters, escaped wherever request or command data meets the log.
+_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
+
+
+def escape(text, limit=None):
+    text = str(text).translate(_ESCAPES)
+    if limit and len(text) > limit:
+        text = text[:limit] + "..."
+    return text
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(
+        timespec="milliseconds")
+
+
+def seconds(value):
+    """55.0 -> '55', 0.5 -> '0.5': durations the way an admin writes them."""
+    return ("%g" % value)
+
+
+class ConfigError(Exception):
+    """A bad setting: one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------
+# Logging: never blocks the caller
+# ---------------------------------------------------------------------------
+
+class Log:
+    """Log lines go through a bounded queue to one writer thread.
+
+    A hook thread must never block on a log write: stderr may be a pipe to a
+    journal that writes to the very filesystem the hook froze.  When the queue
+    is full, lines are dropped and counted, and the count is logged later.
+    """
+
+    def __init__(self):
+        self.level = LEVELS["info"]
+        self.queue = queue.Queue(LOG_QUEUE)
+        self.dropped = 0
+        self.reported_dropped = 0
+        self.sink = StderrSink()
+        self.thread = None
+
+    def start(self, level="info", syslog=False):
+        self.level = LEVELS[level]
+        if syslog:
+            self.sink = SyslogSink()
+        self.thread = threading.Thread(target=self._write_loop, name="log", daemon=True)
+        self.thread.start()
+
+    def debug(self, msg, *args):
+        self._emit(10, msg, args)
+
+    def info(self, msg, *args):
+        self._emit(20, msg, args)
+
+    def warning(self, msg, *args):
+        self._emit(30, msg, args)
+
+    def error(self, msg, *args):
+        self._emit(40, msg, args)
+
+    def _emit(self, level, msg, args):
+        if level < self.level:
+            return
+        text = escape(msg % args if args else msg)
+        if self.thread is None:          # before start(): plain synchronous write
+            self.sink.write(level, time.time(), text)
+            return
+        try:
+            self.queue.put_nowait((level, time.time(), text))
+        except queue.Full:
+            self.dropped += 1
+
+    def _write_loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.dropped != self.reported_dropped:
+                lost = self.dropped - self.reported_dropped
+                self.reported_dropped = self.dropped
+                self.sink.write(30, time.time(), "%d log lines dropped (log output was blocked)" % lost)
+            if not self.sink.write(*item):
+                self.dropped += 1
+
+    def close(self, timeout=2.0):
+        """Flush what is queued, but never wait on a blocked sink for long."""
+        if self.thread is None:
+            return
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)
+
+
+class StderrSink:
+    """stderr: journal priority prefixes under systemd, ISO timestamps elsewhere."""
+
+    def __init__(self):
+        self.journal = bool(os.environ.get("JOURNAL_STREAM"))
+
+    def write(self, level, when, text):
+        if self.journal:
+            line = "<%d>%s\n" % (JOURNAL_PRIORITY[level], text)
+        else:
+            stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).astimezone()
+            line = "%s %s: %s\n" % (stamp.isoformat(timespec="milliseconds"),
+                                    LEVEL_NAMES[level], text)
+        data = line.encode("utf-8", "replace")
+        try:
+            while data:
+                data = data[os.write(2, data):]
+            return True
+        except OSError:
+            return False
+
+
+class SyslogSink:
+    """RFC 3164 datagrams to /dev/log, non-blocking: a full or absent socket drops."""
+
+    def __init__(self, path=SYSLOG_SOCKET):
+        self.path = path
+        self.sock = None
+        self.next_connect = 0.0
+
+    def _connect(self):
+        if time.monotonic() < self.next_connect:
+            return False
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(self.path)
+        except OSError:
+            self.next_connect = time.monotonic() + 1.0
+            return False
+        self.sock = sock
+        return True
+
+    def write(self, level, when, text):
+        if self.sock is None and not self._connect():
+            return False
+        pri = SYSLOG_FACILITY * 8 + JOURNAL_PRIORITY[level]
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(when))
+        msg = "<%d>%s %s[%d]: %s" % (pri, stamp, PROG, os.getpid(), text)
+        try:
+            self.sock.send(msg.encode("utf-8", "replace")[:8192])
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:                     # syslogd restarted: reconnect next time
+            self.sock.close()
+            self.sock = None
+            return False
+
+
+log = Log()
+
+
+# ---------------------------------------------------------------------------
+# Configuration: flag, then environment, then config file, then default
+# ---------------------------------------------------------------------------
+
+def default_runtime_dir():
+    if os.geteuid() == 0:
+        return "/run/synchook"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "synchook")
+    return "/tmp/synchook-%d" % os.geteuid()
+
+
+def parse_port(text):
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise ConfigError("not a port number")
+    if not 0 <= port <= 65535:
+        raise ConfigError("port out of range (0-65535)")
+    return port
+
+
+def parse_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("not a number of seconds")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError("must be a positive number of seconds")
+    return value
+
+
+def parse_count(text):
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ConfigError("not a whole number")
+    if value < 2:
+        raise ConfigError("must be 2 or more")
+    return value
+
+
+def parse_choice(*choices):
+    def parse(text):
+        if text not in choices:
+            raise ConfigError("must be one of %s" % ", ".join(choices))
+        return text
+    return parse
+
+
+def parse_bool(text):
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError("must be 1 or 0")
+
+
+def parse_allow(text):
+    networks = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+        except ValueError:
+            raise ConfigError("%r is not an IP address or CIDR block" % entry)
+    return networks
+
+
+def parse_listen(text):
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return text                      # '' means all addresses
+
+
+def parse_text(text):
+    return text
+
+
+Option = collections.namedtuple("Option", "name flag env default parse metavar group help")
+
+# Every setting of the daemon, in --help order.  `name` is the attribute of the
+# resolved configuration; `env` is also the name used in the --config file.
+OPTIONS = [
+    Option("sync", "--sync", "SYNCHOOK_SYNC", "sync", parse_text, "CMD", "hooks",
+           "shell command run on /sync ('' runs nothing)"),
+    Option("post_sync", "--post-sync", "SYNCHOOK_POST_SYNC", "", parse_text, "CMD", "hooks",
+           "shell command run on /post-sync (default: nothing)"),
+    Option("hold", "--hold", "SYNCHOOK_HOLD", "", parse_text, "CMD", "hooks",
+           "command that holds a lock for the whole window: started first on /sync, "
+           "ready when it prints a line, its stdin closed when the window closes"),
+    Option("hooks_dir", "--hooks-dir", "SYNCHOOK_HOOKS_DIR", "", parse_text, "DIR", "hooks",
+           "directory of executable hooks run with 'sync' (name order) and "
+           "'post-sync' (reverse order)"),
+    Option("timeout", "--timeout", "SYNCHOOK_TIMEOUT", "55", parse_seconds, "SEC", "hooks",
+           "longest a hook command may run (XO waits 60)"),
+    Option("max_hold", "--max-hold", "SYNCHOOK_MAX_HOLD", "300", parse_seconds, "SEC", "hooks",
+           "longest a window stays open without /post-sync; then the post phase runs anyway"),
+    Option("listen", "--listen", "SYNCHOOK_LISTEN", "", parse_listen, "ADDR", "network",
+           "address to bind (default: all, IPv6 and IPv4)"),
+    Option("port", "--port", "SYNCHOOK_PORT", str(DEFAULT_PORT), parse_port, "N", "network",
+           "TCP port (0 picks a free one, logged at start)"),
+    Option("tls", "--tls", "SYNCHOOK_TLS", "auto", parse_choice("auto", "on", "off"), "MODE",
+           "network", "auto: HTTPS and HTTP on one port; on: HTTPS only; off: HTTP only"),
+    Option("tls_cert", "--tls-cert", "SYNCHOOK_TLS_CERT", "", parse_text, "PATH", "network",
+           "certificate (PEM); default: a self-signed one kept in --state-dir"),
+    Option("tls_key", "--tls-key", "SYNCHOOK_TLS_KEY", "", parse_text, "PATH", "network",
+           "private key (PEM) for --tls-cert"),
+    Option("secret", "--secret", "SYNCHOOK_SECRET", "", parse_text, "S", "access",
+           "shared secret every request must carry (?token=S or Authorization: Bearer "
+           "base64(S)); prefer --secret-file or the variable: flags show in ps"),
+    Option("secret_file", "--secret-file", "SYNCHOOK_SECRET_FILE", "", parse_text, "PATH",
+           "access", "read the secret from a file (trailing newline stripped)"),
+    Option("allow", "--allow", "SYNCHOOK_ALLOW", "", parse_allow, "LIST", "access",
+           "comma-separated addresses or CIDR blocks allowed to connect (default: all)"),
+    Option("header_timeout", "--header-timeout", "SYNCHOOK_HEADER_TIMEOUT", "10", parse_seconds,
+           "SEC", "access", "time a client has to complete the TLS handshake and request head"),
+    Option("max_connections", "--max-connections", "SYNCHOOK_MAX_CONNECTIONS", "256",
+           parse_count, "N", "access",
+           "connections served at once; beyond it the oldest idle one is dropped"),
+    Option("runtime_dir", "--runtime-dir", "SYNCHOOK_RUNTIME_DIR", None, parse_text, "DIR",
+           "files", "runtime state, on tmpfs (default /run/synchook as root)"),
+    Option("state_dir", "--state-dir", "SYNCHOOK_STATE_DIR", "/var/lib/synchook", parse_text,
+           "DIR", "files", "where a generated certificate and key are kept"),
+    Option("config", "--config", "SYNCHOOK_CONFIG", "", parse_text, "FILE", "files",
+           "file of SYNCHOOK_NAME=value lines (sh quoting, never executed)"),
+    Option("log_level", "--log-level", "SYNCHOOK_LOG_LEVEL", "info",
+           parse_choice("debug", "info", "warning", "error"), "LEVEL", "logging",
+           "debug, info, warning or error"),
+    Option("syslog", "--syslog", "SYNCHOOK_SYSLOG", "0", parse_bool, None, "logging",
+           "log to the local syslog socket instead of stderr"),
+]
+OPTION_BY_ENV = {o.env: o for o in OPTIONS}
+GROUP_TITLES = collections.OrderedDict([
+    ("hooks", "what runs"), ("network", "network and TLS"),
+    ("access", "who may call, and what a connection may cost"),
+    ("files", "files"), ("logging", "logging")])
+
+SERVE_EPILOG = """\
+Commands:
+  synchook.py [serve] [options]      answer XO's /sync and /post-sync (the default)
+  synchook.py check [options]        run the sync then the post phase once, locally
+  synchook.py call TARGET [options]  act as XO: /sync, a pause, /post-sync
+
+Every option also reads its variable (shown in brackets) and the same
+SYNCHOOK_NAME=value line in --config; a flag wins over the variable, the
+variable over the file, the file over the default.
+
+Examples:
+  synchook.py --sync 'fsfreeze -f /data' --post-sync 'fsfreeze -u /data'
+  SYNCHOOK_SECRET_FILE=/etc/synchook.secret synchook.py --allow 10.0.0.2
+  synchook.py check --config /etc/synchook.conf
+  synchook.py call 192.0.2.10 --secret-file /etc/synchook.secret
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
+        sys.exit(2)
+
+
+def build_serve_parser(prog):
+    parser = OneLineParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Answer Xen Orchestra's VM sync hook: run a command before a "
+                    "snapshot and another after it, and never leave the guest frozen.",
+        epilog=SERVE_EPILOG, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for opt in OPTIONS:
+        default = opt.default if opt.default is not None else "/run/synchook, per-user if not root"
+        shown = "%s=%s, default %s" % (opt.env, "1" if opt.parse is parse_bool else opt.metavar,
+                                        default or "none")
+        if opt.parse is parse_bool:
+            groups[opt.group].add_argument(opt.flag, dest=opt.name, action="store_const",
+                                           const="1", default=None,
+                                           help="%s [%s]" % (opt.help, shown))
+        else:
+            groups[opt.group].add_argument(opt.flag, dest=opt.name, metavar=opt.metavar,
+                                           default=None, help="%s [%s]" % (opt.help, shown))
+    return parser
+
+
+def read_config_file(path):
+    """Parse SYNCHOOK_NAME=value words with sh quoting; nothing is executed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("--config %s: cannot read: %s" % (path, getattr(err, "strerror", err) or err))
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    values = {}
+    while True:
+        # The line a word starts on: skip the blanks and comments shlex will skip.
+        start = SKIPPED.match(text, lexer.instream.tell()).end()
+        line = text.count("\n", 0, start) + 1
+        try:
+            word = lexer.get_token()
+        except ValueError as err:
+            raise ConfigError("%s line %d: %s" % (path, line, str(err).lower()))
+        if word is None or word == lexer.eof:
+            return values
+        if word == "export":
+            continue
+        name, sep, value = word.partition("=")
+        if not sep:
+            raise ConfigError("%s line %d: expected SYNCHOOK_NAME=value, got %r" % (path, line, word))
+        if name not in OPTION_BY_ENV or name == "SYNCHOOK_CONFIG":
+            raise ConfigError("%s line %d: unknown setting %s" % (path, line, name))
+        values[name] = (value, "%s line %d" % (path, line))
+
+
+SKIPPED = re.compile(r"(?:\s+|#[^\n]*)*")
+
+
+class Config:
+    """The resolved settings, plain attributes; `origin` says where each came from."""
+
+    def __init__(self):
+        self.origin = {}
+        self.secret_from_flag = False
+
+
+def resolve_config(args, environ=None):
+    environ = os.environ if environ is None else environ
+    cfg = Config()
+    config_path = args.config if args.config is not None else environ.get("SYNCHOOK_CONFIG", "")
+    from_file = read_config_file(config_path) if config_path else {}
+    for opt in OPTIONS:
+        flag_value = getattr(args, opt.name)
+        if flag_value is not None:
+            raw, origin = flag_value, opt.flag
+        elif opt.env in environ:
+            raw, origin = environ[opt.env], opt.env
+        elif opt.env in from_file:
+            raw, origin = from_file[opt.env]
+        else:
+            raw, origin = opt.default, None
+        if raw is None:
+            raw = default_runtime_dir()
+        try:
+            value = opt.parse(raw)
+        except ConfigError as err:
+            where = origin or "default of %s" % opt.flag
+            raise ConfigError("%s %s: %s" % (where, raw if origin == opt.flag else repr(raw), err))
+        setattr(cfg, opt.name, value)
+        cfg.origin[opt.name] = origin
+    cfg.config = config_path
+    cfg.secret_from_flag = args.secret is not None
+    finish_config(cfg)
+    return cfg
+
+
+def finish_config(cfg):
+    """Checks that span several settings, and files that must be readable now."""
+    if cfg.secret and cfg.secret_file:
+        raise ConfigError("--secret and --secret-file are both set; choose one")
+    if cfg.secret_file:
+        try:
+            with open(cfg.secret_file, "rb") as handle:
+                data = handle.read(4096)
+        except OSError as err:
+            raise ConfigError("--secret-file %s: %s" % (cfg.secret_file, err.strerror))
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        elif data.endswith(b"\n"):
+            data = data[:-1]
+        if not data:
+            raise ConfigError("--secret-file %s: file is empty" % cfg.secret_file)
+        cfg.secret = data.decode("utf-8", "surrogateescape")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(cfg, name)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError("--%s %s: cannot read the file" % (name.replace("_", "-"), path))
+    if cfg.tls == "on" and ssl is None:
+        raise ConfigError("--tls on: this Python has no ssl module")
+    if cfg.hooks_dir and not os.path.isdir(cfg.hooks_dir):
+        raise ConfigError("--hooks-dir %s: not a directory" % cfg.hooks_dir)
+
+
+# ---------------------------------------------------------------------------
+# Running commands: own process group, bounded time, bounded output
+# ---------------------------------------------------------------------------
+
+class Canceller:
+    """An event that can also wake a select(): /post-sync cuts a sync command short."""
+
+    def __init__(self):
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(self.wfd, False)
+        self.flag = False
+
+    def set(self):
+        self.flag = True
+        try:
+            os.write(self.wfd, b"x")
+        except BlockingIOError:
+            pass
+
+    def clear(self):
+        self.flag = False
+        try:
+            while os.read(self.rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def is_set(self):
+        return self.flag
+
+    def fileno(self):
+        return self.rfd
+
+
+class Result:
+    """What one step (command, hook or hold) did."""
+
+    def __init__(self, label, ok, reason, code=None, duration=0.0):
+        self.label, self.ok, self.reason, self.code = label, ok, reason, code
+        self.duration = duration
+        self.at = now_iso()
+
+    def as_dict(self):
+        return {"step": self.label, "ok": self.ok, "reason": self.reason,
+                "exit": self.code, "duration": round(self.duration, 3), "at": self.at}
+
+
+class OutputLogger:
+    """Splits a command's output into log lines, bounded in length and number."""
+
+    def __init__(self, label):
+        self.label = label
+        self.partial = b""
+        self.skipping = False      # inside an over-long line
+        self.lines = 0
+        self.suppressed = 0
+
+    def feed(self, chunk):
+        pieces = chunk.split(b"\n")
+        for piece in pieces[:-1]:
+            self._line(self.partial + piece, cut=self.skipping)
+            self.partial, self.skipping = b"", False
+        tail = pieces[-1]
+        if self.skipping:
+            return
+        self.partial += tail
+        if len(self.partial) > MAX_OUTPUT_LINE:
+            self._line(self.partial, cut=True)
+            self.partial, self.skipping = b"", True
+
+    def _line(self, data, cut=False):
+        if cut and not data:
+            return
+        if self.lines >= MAX_OUTPUT_LINES:
+            self.suppressed += 1
+            return
+        self.lines += 1
+        text = data[:MAX_OUTPUT_LINE].rstrip(b"\r").decode("utf-8", "replace")
+        log.info("%s| %s%s", self.label, text, " [line cut]" if cut else "")
+
+    def close(self):
+        if self.partial:
+            self._line(self.partial)
+        self.partial = b""
+        if self.suppressed:
+            log.info("%s| (%d more output lines not logged)", self.label, self.suppressed)
+
+
+def end_process_group(proc, label):
+    """SIGTERM the group, SIGKILL it after a grace; never wait forever for a reap."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, KILL_WAIT)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        except OSError as err:
+            log.warning("%s: cannot signal process group %d: %s", label, pgid, err.strerror)
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(pgid, 0)
+            except OSError:
+                break
+            time.sleep(0.02)
+        else:
+            continue
+        break
+    try:
+        proc.wait(KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        # Stuck in the kernel (a write to a frozen filesystem?): leave it, the
+        # request must not wait for it.  subprocess reaps it later.
+        log.error("%s: process %d did not exit after SIGKILL; leaving it", label, proc.pid)
+
+
+def describe_exit(code):
+    if code == 0:
+        return "ok"
+    if code == 127:
+        return "command not found"
+    if code == 126:
+        return "command not executable (exit 126)"
+    if code is not None and code < 0:
+        return "command killed by signal %d" % -code
+    return "command failed (exit %s)" % code
+
+
+def spawn(argv, env, label, stdin=subprocess.DEVNULL):
+    """Popen in a new session (own process group), output on one pipe."""
+    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd="/",
+                            start_new_session=True, close_fds=True)
+
+
+def spawn_error(err):
+    if err.errno == errno.ENOENT:
+        return "command not found"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "command not executable"
+    if err.errno == errno.ENOEXEC:
+        return "command not executable (exec format error)"
+    return "cannot start command: %s" % err.strerror
+
+
+def run_command(argv, label, env, timeout, cancel=None):
+    """Run argv to completion, logging its output; return a Result.
+
+    Ends the whole process group on timeout or cancel.  A grandchild that
+    keeps stdout open does not hold us up once the child itself has exited.
+    """
+    started = time.monotonic()
+    log.info("%s: started", label)
+    try:
+        proc = spawn(argv, env, label)
+    except OSError as err:
+        reason = spawn_error(err)
+        log.warning("%s: %s", label, reason)
+        return Result(label, False, reason, None, time.monotonic() - started)
+    output = OutputLogger(label)
+    fd = proc.stdout.fileno()
+    deadline = started + timeout
+    ended = None              # "timeout" or "cancel" when we stop it
+    eof = False
+    exited_at = None
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                ended = "cancel"
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                ended = "timeout"
+                break
+            if eof:
+                try:
+                    proc.wait(min(remaining, POLL))
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            watched = [fd] if cancel is None else [fd, cancel]
+            ready = select.select(watched, [], [], min(remaining, POLL))[0]
+            if fd in ready:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    output.feed(chunk)
+                else:
+                    eof = True
+            elif not ready and proc.poll() is not None:
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at >= DRAIN_GRACE:
+                    log.debug("%s: exited, but something still holds its output open", label)
+                    break
+    except BaseException:
+        end_process_group(proc, label)
+        raise
+    finally:
+        output.close()
+        proc.stdout.close()
+    if ended:
+        end_process_group(proc, label)
+    duration = time.monotonic() - started
+    if ended == "timeout":
+        reason = "command timed out after %s s" % seconds(timeout)
+        log.warning("%s: %s; process group ended", label, reason)
+        return Result(label, False, reason, None, duration)
+    if ended == "cancel":
+        reason = "command ended early: /post-sync arrived"
+        log.warning("%s: %s", label, reason)
+        return Result(label, False, reason, None, duration)
+    code = proc.returncode
+    reason = describe_exit(code)
+    if code == 0:
+        log.info("%s: exit 0 in %.3f s", label, duration)
+    else:
+        log.warning("%s: %s in %.3f s", label, reason, duration)
+    return Result(label, code == 0, "ok" if code == 0 else reason, code, duration)
+
+
+class Hold:
+    """A command that holds something (a database lock) for the whole window.
+
+    Ready when it prints its first line; told to let go by closing its stdin,
+    which also happens by itself if synchook dies.
+    """
+
+    def __init__(self, command):
+        self.command = command
+        self.proc = None
+        self.reader = None
+
+    def start(self, env, timeout, cancel):
+        label = "hold"
+        started = time.monotonic()
+        log.info("hold: started")
+        try:
+            self.proc = spawn(["/bin/sh", "-c", self.command], env, label, stdin=subprocess.PIPE)
+        except OSError as err:
+            return Result(label, False, spawn_error(err), None, 0.0)
+        output = OutputLogger(label)
+        fd = self.proc.stdout.fileno()
+        deadline = started + timeout
+        buffered = b""
+        failure = None
+        while b"\n" not in buffered:
+            remaining = deadline - time.monotonic()
+            if cancel.is_set():
+                failure = "hold command ended early: /post-sync arrived"
+            elif remaining <= 0:
+                failure = "hold command not ready after %s s" % seconds(timeout)
+            if failure:
+                break
+            ready = select.select([fd, cancel], [], [], min(remaining, POLL))[0]
+            if fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self.proc.wait()
+                    failure = "hold command exited before it was ready (%s)" % (
+                        describe_exit(self.proc.returncode))
+                    break
+                buffered += chunk
+                output.feed(chunk)
+        duration = time.monotonic() - started
+        if failure:
+            output.close()
+            log.warning("hold: %s", failure)
+            self.end()
+            return Result(label, False, failure, None, duration)
+        log.info("hold: ready in %.3f s", duration)
+        self.reader = threading.Thread(target=self._drain, args=(output,), name="hold-output",
+                                       daemon=True)
+        self.reader.start()
+        return Result(label, True, "ok", None, duration)
+
+    def _drain(self, output):
+        try:
+            for chunk in iter(lambda: os.read(self.proc.stdout.fileno(), 65536), b""):
+                output.feed(chunk)
+        except OSError:
+            pass
+        output.close()
+
+    def end(self):
+        """Close stdin, wait briefly, then end the group.  Returns a Result or None."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        started = time.monotonic()
+        early = proc.poll()
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(HOLD_GRACE)
+        except subprocess.TimeoutExpired:
+            log.warning("hold: still running %s s after its stdin closed; ending it",
+                        seconds(HOLD_GRACE))
+        end_process_group(proc, "hold")
+        if self.reader is not None:
+            self.reader.join(1.0)
+            self.reader = None
+        try:
+            proc.stdout.close()
+        except OSError:
+            pass
+        duration = time.monotonic() - started
+        if early is not None:
+            reason = "hold command had ended during the window (%s)" % describe_exit(early)
+            log.warning("hold: %s", reason)
+            return Result("hold", False, reason, early, duration)
+        log.info("hold: released in %.3f s", duration)
+        return Result("hold", True, "ok", proc.returncode, duration)
+
+
+def list_hooks(directory):
+    """Executable hooks in name order, and warnings for those skipped."""
+    hooks, skipped = [], []
+    if not directory:
+        return hooks, skipped
+    try:
+        names = sorted(os.listdir(directory))
+        dir_stat = os.stat(directory)
+    except OSError as err:
+        return hooks, ["%s: cannot read: %s" % (directory, err.strerror)]
+    root = os.geteuid() == 0
+    if root and (dir_stat.st_uid != 0 or dir_stat.st_mode & 0o022):
+        return hooks, ["%s: not owned by root or writable by group/others; "
+                       "no hook in it runs" % directory]
+    for name in names:
+        path = os.path.join(directory, name)
+        if not HOOK_NAME.match(name) or HOOK_LEFTOVER.search(name):
+            skipped.append("%s: name skipped (leftover or not [A-Za-z0-9_.-])" % path)
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            skipped.append("%s: %s" % (path, err.strerror))
+            continue
+        if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+            skipped.append("%s: not an executable regular file" % path)
+            continue
+        if root and (st.st_uid != 0 or st.st_mode & 0o022):
+            skipped.append("%s: not owned by root or writable by group/others" % path)
+            continue
+        hooks.append(path)
+    return hooks, skipped
+
+
+class Phases:
+    """The steps of a window, shared by the daemon and `check`.
+
+    sync phase: hold, hooks (name order), --sync; a failed step skips the rest.
+    post phase: --post-sync, hooks (reverse order), end of the hold; all run.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.hold = Hold(cfg.hold) if cfg.hold else None
+
+    def env(self, phase, client):
+        env = dict(os.environ)
+        env.pop("SYNCHOOK_SECRET", None)
+        env["SYNCHOOK_PHASE"] = phase
+        env["SYNCHOOK_CLIENT"] = client
+        return env
+
+    def hooks(self):
+        hooks, skipped = list_hooks(self.cfg.hooks_dir)
+        for warning in skipped:
+            log.warning("hooks dir: %s", warning)
+        return hooks
+
+    def sync_phase(self, client, cancel):
+        env = self.env("sync", client)
+        steps = []
+        if self.hold is not None:
+            steps.append(self.hold.start(env, self.cfg.timeout, cancel))
+        for path in ([] if steps and not steps[-1].ok else self.hooks()):
+            steps.append(run_command([path, "sync"], "sync hook %s" % os.path.basename(path),
+                                     env, self.cfg.timeout, cancel))
+            if not steps[-1].ok:
+                break
+        if self.cfg.sync and all(step.ok for step in steps):
+            steps.append(run_command(["/bin/sh", "-c", self.cfg.sync], "sync", env,
+                                     self.cfg.timeout, cancel))
+        return steps
+
+    def post_phase(self, client):
+        env = self.env("post-sync", client)
+        steps = []
+        if self.cfg.post_sync:
+            steps.append(run_command(["/bin/sh", "-c", self.cfg.post_sync], "post-sync", env,
+                                     self.cfg.timeout))
+        for path in reversed(self.hooks()):
+            steps.append(run_command([path, "post-sync"],
+                                     "post-sync hook %s" % os.path.basename(path), env,
+                                     self.cfg.timeout))
+        if self.hold is not None:
+            ended = self.hold.end()
+            if ended is not None:
+                steps.append(ended)
+        return steps
+
+
+def phase_answer(steps):
+    """(HTTP status, body) for a phase: the first failed step's reason, or Ok."""
+    for step in steps:
+        if not step.ok:
+            prefix = "" if step.label in ("sync", "post-sync", "hold") else step.label + ": "
+            return 500, prefix + step.reason
+    return 200, "Ok"
+
+
+# ---------------------------------------------------------------------------
+# The sync window: one state machine, one command at a time
+# ---------------------------------------------------------------------------
+
+class SyncWindow:
+    """/sync opens the window, /post-sync closes it; the post phase is owed
+    exactly once per window that ran its sync phase.
+
+    Requests take turns in arrival order (a fair lock), except a /post-sync
+    that arrives while the sync phase runs: it cancels that phase and goes
+    first.  A watchdog closes a window left open for --max-hold seconds, and a
+    marker file in the runtime dir lets the next start close a window this
+    process could not.
+    """
+
+    def __init__(self, phases, max_hold, runtime_dir):
+        self.phases = phases
+        self.max_hold = max_hold
+        self.marker = os.path.join(runtime_dir, MARKER_FILE)
+        self.cond = threading.Condition()
+        self.waiting = collections.deque()
+        self.busy = False
+        self.cancel = Canceller()
+        self.is_open = False
+        self.syncing = False
+        self.stopped = False
+        self.released_by_watchdog = False
+        self.opened_at = None          # wall clock, for /status
+        self.opened_by = None
+        self.deadline = None           # monotonic; set once the sync phase ended
+        self.window_answer = None      # what this window's /sync answered
+        self.last = {"sync": None, "post-sync": None}
+        self.watchdog = threading.Thread(target=self._watch, name="max-hold", daemon=True)
+
+    # The fair lock ---------------------------------------------------------
+    def _take_turn(self, first=False):
+        me = object()
+        with self.cond:
+            if first:
+                self.waiting.appendleft(me)
+            else:
+                self.waiting.append(me)
+            while self.busy or self.waiting[0] is not me:
+                self.cond.wait()
+            self.waiting.popleft()
+            self.busy = True
+
+    def _give_turn(self):
+        with self.cond:
+            self.busy = False
+            self.cond.notify_all()
+
+    # Requests --------------------------------------------------------------
+    def sync(self, client):
+        self._take_turn()
+        try:
+            if self.stopped:
+                return 503, "shutting down"
+            if self.is_open:
+                with self.cond:
+                    self.deadline = time.monotonic() + self.max_hold
+                    self.cond.notify_all()
+                log.info("window already open: sync phase not run again; max-hold restarted")
+                return self.window_answer
+            self._open(client)
+            steps = self.phases.sync_phase(client, self.cancel)
+            with self.cond:
+                self.syncing = False
+                self.deadline = time.monotonic() + self.max_hold
+                self.cond.notify_all()
+            self.window_answer = phase_answer(steps)
+            self._record("sync", steps)
+            return self.window_answer
+        finally:
+            self._give_turn()
+
+    def post_sync(self, client):
+        with self.cond:
+            cut_short = self.syncing
+            if cut_short:
+                log.warning("/post-sync arrived while the sync phase runs: ending it")
+                self.cancel.set()
+        self._take_turn(first=cut_short)
+        try:
+            if self.is_open:
+                return self._close(client, "/post-sync")
+            if self.released_by_watchdog:
+                self.released_by_watchdog = False
+                log.info("/post-sync after the max-hold release: nothing left to run")
+                return 200, "Ok"
+            if self.stopped:
+                return 503, "shutting down"
+            log.info("/post-sync with no window open: running the post phase anyway")
+            steps = self.phases.post_phase(client)
+            self._record("post-sync", steps)
+            return phase_answer(steps)
+        finally:
+            self._give_turn()
+
+    def status(self):
+        with self.cond:
+            state = {"state": "open" if self.is_open else "idle",
+                     "open_since": self.opened_at, "opened_by": self.opened_by,
+                     "last_sync": self.last["sync"], "last_post_sync": self.last["post-sync"]}
+            if self.is_open and self.deadline is not None:
+                state["max_hold_left"] = round(max(0.0, self.deadline - time.monotonic()), 1)
+        return state
+
+    # Opening and closing ---------------------------------------------------
+    def _open(self, client):
+        self.write_marker(client)
+        with self.cond:
+            self.is_open = True
+            self.syncing = True
+            self.cancel.clear()
+            self.released_by_watchdog = False
+            self.opened_at = now_iso()
+            self.opened_by = client
+            self.deadline = None
+        log.info("window opened by %s", client)
+
+    def _close(self, client, why):
+        steps = self.phases.post_phase(client)
+        with self.cond:
+            self.is_open = False
+            self.deadline = None
+            self.opened_at = self.opened_by = None
+            self.cond.notify_all()
+        self.remove_marker()
+        self._record("post-sync", steps)
+        status, text = phase_answer(steps)
+        log.info("window closed (%s): %s", why, text)
+        return status, text
+
+    def _record(self, phase, steps):
+        status, text = phase_answer(steps)
+        with self.cond:
+            self.last[phase] = {"status": status, "reason": text, "at": now_iso(),
+                                "steps": [step.as_dict() for step in steps]}
+
+    def write_marker(self, client):
+        data = json.dumps({"pid": os.getpid(), "opened_at": now_iso(), "client": client})
+        tmp = self.marker + ".tmp"
+        try:
+            with open(tmp, "w") as handle:
+                handle.write(data + "\n")
+            os.replace(tmp, self.marker)
+        except OSError as err:
+            log.error("cannot write window marker %s: %s (a crash now would not be "
+                      "recovered at restart)", self.marker, err.strerror)
+
+    def remove_marker(self):
+        try:
+            os.unlink(self.marker)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.error("cannot remove window marker %s: %s", self.marker, err.strerror)
+
+    # Outside requests -------------------------------------------------------
+    def recover(self):
+        """At start: a marker means the last run died with a window open."""
+        try:
+            with open(self.marker) as handle:
+                info = handle.read(4096)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            info = "unreadable: %s" % err.strerror
+        log.warning("found %s (%s): the previous run ended with a window open; "
+                    "running the post phase before serving", self.marker, info.strip())
+        steps = self.phases.post_phase("restart")
+        self._record("post-sync", steps)
+        self.remove_marker()
+        return steps
+
+    def _watch(self):
+        while True:
+            with self.cond:
+                while True:
+                    if self.stopped:
+                        return
+                    if self.is_open and self.deadline is not None:
+                        left = self.deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self.cond.wait(left)
+                    else:
+                        self.cond.wait()
+            self._take_turn()
+            try:
+                expired = (self.is_open and not self.stopped and self.deadline is not None
+                           and time.monotonic() >= self.deadline)
+                if expired:
+                    log.warning("no /post-sync within --max-hold %s s of the last /sync: "
+                                "running the post phase now", seconds(self.max_hold))
+                    self._close("max-hold", "max-hold")
+                    self.released_by_watchdog = True
+            finally:
+                self._give_turn()
+
+    def shutdown(self):
+        """Wait for the running command, close an open window, refuse the rest."""
+        self._take_turn(first=True)
+        try:
+            if self.is_open:
+                log.warning("shutting down with a window open: running the post phase")
+                self._close("shutdown", "shutdown")
+            with self.cond:
+                self.stopped = True
+                self.cond.notify_all()
+        finally:
+            self._give_turn()
+
+
+# ---------------------------------------------------------------------------
+# HTTP: one handler, bounded reads, nothing from the request reaches a shell
+# ---------------------------------------------------------------------------
+
+HEADER_LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:")   # no folding, no space before ':'
+ROUTES = {"/sync": "sync", "/post-sync": "post_sync", "/status": "status"}
+
+
+class BadHead(Exception):
+    def __init__(self, status, reason):
+        Exception.__init__(self, reason)
+        self.status = status
+
+
+class DeadlineReader(io.RawIOBase):
+    """Socket reads that share one deadline: a slowloris client cannot reset it."""
+
+    def __init__(self, sock, handler):
+        io.RawIOBase.__init__(self)
+        self.sock = sock
+        self.handler = handler
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.handler.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("request head not complete in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class SendAll:
+    """A minimal wfile: every write is complete or raises."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.closed = False
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "%s/%s" % (PROG, __version__)
+    sys_version = ""                 # do not advertise the Python version
+    protocol_version = "HTTP/1.1"    # XO keeps connections alive
+
+    def version_string(self):
+        return self.server_version
+
+    # Connection set-up ------------------------------------------------------
+    def setup(self):
+        self.connection = self.request
+        self.client_ip = self.server.client_ip(self.client_address)
+        self.dropped = False
+        self.started = time.monotonic()
+        self.command = None
+        self.path = "-"
+        self.request_version = "HTTP/1.1"
+        self.close_connection = True
+        self.deadline = time.monotonic() + self.server.cfg.header_timeout
+        try:
+            self.connection = self.server.negotiate(self.request, self)
+        except (OSError, ValueError) as err:
+            log.debug("%s: connection dropped during set-up: %s", self.client_ip, err)
+            self.connection = None
+        if self.connection is None:
+            self.dropped = True
+            return
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, self), 8192)
+        self.wfile = SendAll(self.connection)
+
+    def handle(self):
+        if self.dropped:
+            return
+        self.close_connection = False
+        try:
+            while not self.close_connection:
+                self.handle_one_request()
+        except OSError as err:
+            log.debug("%s: connection ended: %s", self.client_ip, err)
+
+    def finish(self):
+        if self.dropped:
+            return
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+        if self.connection is not self.request:   # the TLS socket is ours to close
+            try:
+                self.connection.close()
+            except OSError:
+                pass
+
+    # Reading one request ----------------------------------------------------
+    def read_head(self):
+        """Request line and headers, bounded in size and count; None at EOF."""
+        lines = []
+        total = 0
+        while True:
+            limit = MAX_REQUEST_LINE if not lines else MAX_HEADER_LINE
+            line = self.rfile.readline(limit + 1)
+            if not line:
+                if lines:
+                    raise socket.timeout("connection closed inside the request head")
+                return None
+            if not lines and line in (b"\r\n", b"\n"):
+                continue                      # RFC 9112: ignore a leading empty line
+            if len(line) > limit:
+                if not lines:
+                    raise BadHead(414, "request line too long")
+                raise BadHead(431, "header line too long")
+            total += len(line)
+            lines.append(line)
+            if total > MAX_HEAD:
+                raise BadHead(431, "request head too large")
+            if len(lines) > MAX_HEADERS + 1:
+                raise BadHead(431, "too many header lines")
+            if line in (b"\r\n", b"\n") and len(lines) > 1:
+                return b"".join(lines)
+            if len(lines) > 1 and not HEADER_LINE.match(line):
+                raise BadHead(400, "malformed header line")
+
+    def handle_one_request(self):
+        self.server.set_state(self.request, "idle")
+        self.deadline = time.monotonic() + self.server.cfg.header_timeout
+        self.command, self.path, self.request_version = None, "-", "HTTP/1.1"
+        try:
+            head = self.read_head()
+        except BadHead as err:
+            self.started = time.monotonic()
+            self.reply(err.status, str(err), close=True)
+            return
+        except (socket.timeout, OSError) as err:
+            log.debug("%s: no complete request: %s", self.client_ip, err)
+            self.close_connection = True
+            return
+        if head is None:
+            self.close_connection = True
+            return
+        self.server.set_state(self.request, "busy")
+        self.started = time.monotonic()
+        self.raw_requestline = head.split(b"\n", 1)[0] + b"\n"
+        real_rfile, self.rfile = self.rfile, io.BytesIO(head)
+        self.rfile.readline()                 # parse_request reads headers from here
+        try:
+            parsed = self.parse_request()
+        finally:
+            self.rfile = real_rfile
+        if parsed:
+            self.dispatch()
+
+    def handle_expect_100(self):
+        return True          # never invite a body; one that comes anyway gets a 400
+
+    # Routing -----------------------------------------------------------------
+    def dispatch(self):
+        path, _, query = self.path.partition("?")
+        route = ROUTES.get(path)
+        if route is None:
+            return self.reply(404, "not found")
+        if self.command != "GET":
+            return self.reply(405, "method not allowed", {"Allow": "GET"})
+        if self.has_body():
+            return self.reply(400, "a request body is not accepted", close=True)
+        if not self.server.authorized(self.headers, query):
+            return self.reply(403, "forbidden: missing or wrong secret")
+        getattr(self, "serve_" + route)()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
+    do_TRACE = do_CONNECT = dispatch
+
+    def has_body(self):
+        if self.headers.get("Transfer-Encoding"):
+            return True
+        lengths = self.headers.get_all("Content-Length") or []
+        return any(value.strip() != "0" for value in lengths)
+
+    def serve_sync(self):
+        self.reply(*self.server.window.sync(self.client_ip))
+
+    def serve_post_sync(self):
+        self.reply(*self.server.window.post_sync(self.client_ip))
+
+    def serve_status(self):
+        state = self.server.window.status()
+        state["version"] = __version__
+        state["uptime"] = round(time.monotonic() - self.server.started, 1)
+        self.reply(200, json.dumps(state, indent=1), content_type="application/json")
+
+    # Answering -----------------------------------------------------------------
+    def reply(self, status, text, headers=None, close=False, content_type="text/plain; charset=utf-8"):
+        body = (text + "\n").encode("utf-8")
+        if close:
+            self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        log.info("%s %s %s %d %.3fs", self.client_ip, self.command or "-",
+                 escape(self.path.partition("?")[0], 200), status,
+                 time.monotonic() - self.started)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's parse errors: the same plain answer, then close."""
+        reason = message or self.responses.get(code, ("error",))[0]
+        self.reply(code, reason.lower(), close=True)
+
+    def log_request(self, code="-", size="-"):
+        pass                  # reply() logs one line per request, with its duration
+
+    def log_message(self, fmt, *args):
+        log.debug("%s: %s", self.client_ip, fmt % args)
+
+
+# ---------------------------------------------------------------------------
+# The server: TLS detection, allow-list, connection cap, no idle wake-ups
+# ---------------------------------------------------------------------------
+
+if hasattr(http.server, "ThreadingHTTPServer"):
+    ThreadingHTTPServer = http.server.ThreadingHTTPServer  # novermin
+else:  # Python 3.6: the same class, as 3.7 defines it
+    class ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+
+class Connection:
+    __slots__ = ("sock", "state", "since")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.state = "new"
+        self.since = time.monotonic()
+
+
+class SyncHookServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024         # a burst of connections must not overflow the backlog
+
+    def __init__(self, cfg, family, address, window, tls_context):
+        self.address_family = family
+        self.cfg = cfg
+        self.window = window
+        self.tls_context = tls_context
+        self.started = time.monotonic()
+        self.connections = {}
+        self.connections_lock = threading.Lock()
+        self.stopping = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.secret_digest = None
+        if cfg.secret:
+            secret = cfg.secret.encode("utf-8", "surrogateescape")
+            self.secret_digest = hashlib.sha256(secret).digest()
+            self.bearer_digest = hashlib.sha256(base64.b64encode(secret)).digest()
+        ThreadingHTTPServer.__init__(self, address, Handler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # Not HTTPServer.server_bind: its getfqdn() can hang on a guest with
+        # broken DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    # The accept loop: blocks until a connection or a signal, nothing else.
+    def serve(self):
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self.wake_r, selectors.EVENT_READ)
+            while not self.stopping:
+                for key, _ in selector.select():
+                    if key.fileobj is self and not self.stopping:
+                        self._handle_request_noblock()
+
+    def wake(self):
+        """Safe from a signal handler: ends serve()."""
+        self.stopping = True
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    # Who may connect, and how many ---------------------------------------------
+    @staticmethod
+    def client_ip(client_address):
+        host = client_address[0].split("%", 1)[0]
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return host
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(addr)
+
+    def allowed(self, ip):
+        if not self.cfg.allow:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in network for network in self.cfg.allow)
+
+    def verify_request(self, request, client_address):
+        ip = self.client_ip(client_address)
+        if not self.allowed(ip):
+            log.warning("%s: connection refused: not in --allow", ip)
+            return False
+        with self.connections_lock:
+            if len(self.connections) >= self.cfg.max_connections:
+                idle = [(c.since, key) for key, c in self.connections.items()
+                        if c.state in ("new", "idle")]
+                if not idle:
+                    log.warning("%s: connection refused: %d connections busy", ip,
+                                len(self.connections))
+                    return False
+                victim = self.connections.pop(min(idle, key=lambda pair: pair[0])[1])
+                try:
+                    socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                log.debug("connection limit: dropped the oldest idle connection")
+            self.connections[request] = Connection(request)
+        return True
+
+    def set_state(self, request, state):
+        with self.connections_lock:
+            conn = self.connections.get(request)
+            if conn is not None:
+                conn.state = state
+                conn.since = time.monotonic()
+
+    def shutdown_request(self, request):
+        with self.connections_lock:
+            self.connections.pop(request, None)
+        ThreadingHTTPServer.shutdown_request(self, request)
+
+    def handle_error(self, request, client_address):
+        log.debug("%s: handler error: %s", client_address[0], sys.exc_info()[1])
+
+    # TLS or not, told by the first byte ---------------------------------------
+    def negotiate(self, sock, handler):
+        """Returns the socket to speak HTTP on (TLS-wrapped or not), or None."""
+        mode = self.cfg.tls if self.tls_context is not None else "off"
+        sock.settimeout(max(0.001, handler.deadline - time.monotonic()))
+        first = sock.recv(1, socket.MSG_PEEK)
+        if not first:
+            return None
+        is_tls = first == b"\x16"           # a TLS handshake record
+        if is_tls and mode == "off":
+            log.info("%s: TLS connection refused (--tls off)", handler.client_ip)
+            return None
+        if not is_tls and mode == "on":
+            self.refuse_plain(sock, handler.client_ip)
+            return None
+        if not is_tls:
+            return sock
+        tls = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        with self.connections_lock:
+            conn = self.connections.get(sock)
+            if conn is not None:
+                conn.sock = tls              # so eviction can still reach it
+        try:
+            tls.settimeout(max(0.001, handler.deadline - time.monotonic()))
+            tls.do_handshake()
+        except (OSError, ValueError) as err:
+            log.info("%s: TLS handshake failed: %s", handler.client_ip, err)
+            tls.close()
+            return None
+        return tls
+
+    def refuse_plain(self, sock, ip):
+        body = b"this port speaks HTTPS only\n"
+        head = ("HTTP/1.1 400 Bad Request\r\nServer: %s\r\nContent-Type: text/plain\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (Handler.server_version,
+                                                                     len(body)))
+        try:
+            sock.sendall(head.encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        log.info("%s: plain HTTP refused (--tls on)", ip)
+
+    # The secret -----------------------------------------------------------------
+    def authorized(self, headers, query):
+        if self.secret_digest is None:
+            return True
+        good = False
+        auth = headers.get("Authorization", "")
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+            good = hmac.compare_digest(digest, self.bearer_digest)
+        for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+            if name == "token":
+                digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+                good = hmac.compare_digest(digest, self.secret_digest) or good
+                break
+        return good
+
+
+def open_server(cfg, window, tls_context):
+    """Bind: dual-stack by default, IPv4 where IPv6 is off.  OSError on failure."""
+    if cfg.listen:
+        try:
+            infos = socket.getaddrinfo(cfg.listen, cfg.port, 0, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+        except socket.gaierror as err:
+            raise ConfigError("--listen %s: %s" % (cfg.listen, err.strerror))
+        family, _, _, _, address = infos[0]
+        return SyncHookServer(cfg, family, address[:2], window, tls_context)
+    try:
+        return SyncHookServer(cfg, socket.AF_INET6, ("::", cfg.port), window, tls_context)
+    except OSError as err:
+        if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+            raise
+        log.info("IPv6 unavailable (%s): listening on IPv4 only", err.strerror)
+        return SyncHookServer(cfg, socket.AF_INET, ("0.0.0.0", cfg.port), window, tls_context)
+
+
+def notify_systemd(message):
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(message.encode(), path)
+    except OSError as err:
+        log.warning("cannot notify systemd: %s", err.strerror)
+
+
+# ---------------------------------------------------------------------------
+# TLS: a self-signed certificate made with the standard library alone
+# ---------------------------------------------------------------------------
+
+def _der(tag, content):
+    n = len(content)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def der_int(n):
+    return _der(0x02, n.to_bytes(n.bit_length() // 8 + 1, "big"))
+
+
+def der_seq(*items):
+    return _der(0x30, b"".join(items))
+
+
+def der_oid(dotted):
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytearray([40 * parts[0] + parts[1]])
+    for part in parts[2:]:
+        chunk = [part & 0x7F]
+        part >>= 7
+        while part:
+            chunk.append(0x80 | (part & 0x7F))
+            part >>= 7
+        body.extend(reversed(chunk))
+    return _der(0x06, bytes(body))
+
+
+def der_time(when):
+    if when.year < 2050:
+        return _der(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+    return _der(0x18, when.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def der_name(common_name):
+    return der_seq(_der(0x31, der_seq(der_oid("2.5.4.3"), _der(0x0C, common_name.encode()))))
+
+
+DER_NULL = b"\x05\x00"
+SHA256_WITH_RSA = der_seq(der_oid("1.2.840.113549.1.1.11"), DER_NULL)
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+SMALL_PRIMES = [p for p in range(3, 2000) if all(p % d for d in range(2, int(p ** 0.5) + 1))]
+
+
+def probably_prime(n, rounds=40):
+    """Miller-Rabin with random bases."""
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for _ in range(rounds):
+        x = pow(2 + secrets.randbelow(n - 3), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def random_prime(bits):
+    while True:
+        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if any(candidate % p == 0 for p in SMALL_PRIMES):
+            continue
+        if probably_prime(candidate, 1) and probably_prime(candidate):
+            return candidate
+
+
+def mod_inverse(a, m):
+    """Extended Euclid (pow(a, -1, m) needs Python 3.8)."""
+    old_r, r, old_s, s = a, m, 1, 0
+    while r:
+        q = old_r // r
+        old_r, r = r, old_r - q * r
+        old_s, s = s, old_s - q * s
+    if old_r != 1:
+        raise ValueError("not invertible")
+    return old_s % m
+
+
+def pem(label, der):
+    text = base64.b64encode(der).decode()
+    lines = [text[i:i + 64] for i in range(0, len(text), 64)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def make_self_signed(hostname, bits=2048):
+    """An RSA key and a self-signed X.509 v3 server certificate, as PEM strings."""
+    e = 65537
+    while True:
+        p, q = random_prime(bits // 2), random_prime(bits // 2)
+        if p != q and (p - 1) % e and (q - 1) % e:
+            break
+    n = p * q
+    d = mod_inverse(e, (p - 1) * (q - 1))
+    dp, dq, qinv = d % (p - 1), d % (q - 1), mod_inverse(q, p)
+    key_der = der_seq(*(der_int(v) for v in (0, n, e, d, p, q, dp, dq, qinv)))
+    public_key = der_seq(der_int(n), der_int(e))
+    spki = der_seq(der_seq(der_oid("1.2.840.113549.1.1.1"), DER_NULL),
+                   _der(0x03, b"\x00" + public_key))
+    start = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(days=1)
+    names = [hostname, "localhost"] if hostname != "localhost" else ["localhost"]
+    san = der_seq(*(_der(0x82, name.encode("idna")) for name in names))
+    extensions = der_seq(
+        der_seq(der_oid("2.5.29.19"), b"\x01\x01\xff", _der(0x04, der_seq())),   # not a CA
+        der_seq(der_oid("2.5.29.15"), b"\x01\x01\xff", _der(0x04, b"\x03\x02\x05\xa0")),
+        der_seq(der_oid("2.5.29.37"), _der(0x04, der_seq(der_oid("1.3.6.1.5.5.7.3.1")))),
+        der_seq(der_oid("2.5.29.17"), _der(0x04, san)),
+        der_seq(der_oid("2.5.29.14"),
+                _der(0x04, _der(0x04, hashlib.sha1(public_key).digest()))))
+    tbs = der_seq(
+        _der(0xA0, der_int(2)),                                   # v3
+        der_int(secrets.randbits(127) | 1 << 126),                 # positive serial
+        SHA256_WITH_RSA,
+        der_name("synchook " + hostname),
+        der_seq(der_time(start), _der(0x18, b"99991231235959Z")),  # RFC 5280: no expiry
+        der_name("synchook " + hostname),
+        spki,
+        _der(0xA3, extensions))
+    digest_info = SHA256_DIGEST_INFO + hashlib.sha256(tbs).digest()
+    k = (n.bit_length() + 7) // 8
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (k - len(digest_info) - 3) + b"\x00"
+                       + digest_info, "big")
+    m1, m2 = pow(m, dp, p), pow(m, dq, q)
+    signature = (m2 + (qinv * (m1 - m2) % p) * q).to_bytes(k, "big")
+    cert_der = der_seq(tbs, SHA256_WITH_RSA, _der(0x03, b"\x00" + signature))
+    return pem("CERTIFICATE", cert_der), pem("RSA PRIVATE KEY", key_der)
+
+
+def tls_context(cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin
+    else:  # Python 3.6
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def write_private(path, text):
+    """Write atomically, mode 0600 from the start."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_tls(cfg):
+    """The TLS context for --tls auto/on, or None for plain HTTP."""
+    if cfg.tls == "off":
+        return None
+    if ssl is None:
+        log.warning("this Python has no ssl module: serving plain HTTP only, which "
+                    "XO's bare tag (HTTPS) cannot reach")
+        return None
+    if cfg.tls_cert:
+        try:
+            return tls_context(cfg.tls_cert, cfg.tls_key)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError("--tls-cert %s / --tls-key %s: cannot load: %s"
+                              % (cfg.tls_cert, cfg.tls_key, err))
+    cert = os.path.join(cfg.state_dir, CERT_FILE)
+    key = os.path.join(cfg.state_dir, KEY_FILE)
+    if os.path.exists(cert) or os.path.exists(key):
+        try:
+            return tls_context(cert, key)
+        except (OSError, ssl.SSLError) as err:
+            log.warning("stored certificate %s unusable (%s): making a new one", cert, err)
+    started = time.monotonic()
+    cert_pem, key_pem = make_self_signed(socket.gethostname() or "localhost")
+    log.info("generated a self-signed certificate in %.1f s", time.monotonic() - started)
+    try:
+        os.makedirs(cfg.state_dir, 0o700, exist_ok=True)
+        write_private(key, key_pem)
+        write_private(cert, cert_pem)
+        log.info("certificate kept in %s", cert)
+        return tls_context(cert, key)
+    except OSError as err:
+        log.warning("cannot keep the certificate in %s (%s): using it for this run only",
+                    cfg.state_dir, err.strerror)
+    # load_cert_chain() wants files: use the runtime dir, then remove them.
+    cert = os.path.join(cfg.runtime_dir, "run-" + CERT_FILE)
+    key = os.path.join(cfg.runtime_dir, "run-" + KEY_FILE)
+    try:
+        write_private(key, key_pem)
+        write_private(cert, cert_pem)
+        return tls_context(cert, key)
+    finally:
+        for path in (cert, key):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# call: act as XO; check: run the phases once, locally
+# ---------------------------------------------------------------------------
+
+def parse_target(target):
+    """What XO would call for a tag: a bare address or a URL -> (scheme, host, port, query)."""
+    if "://" not in target:
+        host = target.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", host):
+                raise ConfigError("TARGET %r: not an address, host name or URL" % target)
+        return "https", host, DEFAULT_PORT, ""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("TARGET %r: URL must be http:// or https:// with a host" % target)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError("TARGET %r: bad port" % target)
+    return parts.scheme, parts.hostname, port, parts.query
+
+
+def xo_request(scheme, host, port, path, timeout, secret):
+    """One GET the way XO sends it; returns (status or None, text, seconds)."""
+    started = time.monotonic()
+    headers = {}
+    if secret:
+        token = base64.b64encode(secret.encode("utf-8", "surrogateescape")).decode()
+        headers["Authorization"] = "Bearer " + token
+    if scheme == "https":
+        if ssl is None:
+            return None, "this Python has no ssl module", 0.0
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE          # XO: rejectUnauthorized: false
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        text = response.read(4096).decode("utf-8", "replace").strip()
+        return response.status, text, time.monotonic() - started
+    except socket.timeout:
+        return None, "no answer within %s s" % seconds(timeout), time.monotonic() - started
+    except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        return None, "cannot reach %s:%d: %s" % (host, port, reason), time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def cmd_call(argv):
+    parser = OneLineParser(
+        prog="%s call" % os.path.basename(sys.argv[0]),
+        description="Do what Xen Orchestra does: GET /sync, wait --pause seconds (the "
+                    "snapshot), GET /post-sync. Certificates are not verified, as in XO.",
+        epilog="TARGET is what goes in the tag: a bare address means https://ADDR:1727; "
+               "a URL keeps its scheme, host, port and query, its path is replaced.\n"
+               "Exit 0 when both answers are 2xx, 1 otherwise, 2 on bad usage.",
+        allow_abbrev=False)
+    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("--secret", metavar="S", help="sent as Authorization: Bearer base64(S)")
+    parser.add_argument("--secret-file", metavar="PATH", help="read the secret from a file")
+    parser.add_argument("--timeout", metavar="SEC", default=str(XO_TIMEOUT),
+                        help="how long to wait for each answer (default 60, as XO)")
+    parser.add_argument("--pause", metavar="SEC", default="1",
+                        help="time between /sync and /post-sync (default 1)")
+    args = parser.parse_args(argv)
+    try:
+        scheme, host, port, query = parse_target(args.target)
+        timeout = parse_seconds(args.timeout)
+        pause = float(args.pause)
+        if pause < 0 or pause != pause:
+            raise ConfigError("--pause must be 0 or more seconds")
+        secret = args.secret
+        if args.secret_file:
+            cfg = Config()
+            cfg.secret, cfg.secret_file, cfg.tls_cert, cfg.tls_key = "", args.secret_file, "", ""
+            cfg.tls, cfg.hooks_dir = "off", ""
+            finish_config(cfg)
+            secret = cfg.secret
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    suffix = "?" + query if query else ""
+    ok = True
+    for phase in ("sync", "post-sync"):
+        status, text, took = xo_request(scheme, host, port, "/" + phase + suffix, timeout, secret)
+        shown = "%d %s" % (status, text) if status is not None else "failed: " + text
+        print("%-9s %s (%.3f s)" % (phase, shown, took))
+        sys.stdout.flush()
+        ok = ok and status is not None and 200 <= status < 300
+        if phase == "sync":
+            time.sleep(pause)
+    return 0 if ok else 1
+
+
+def check_port(cfg):
+    """(ok, text): is the port free, or is it a running synchook?"""
+    host = cfg.listen or "::"
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, cfg.port, 0, socket.SOCK_STREAM)[0]
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        family, address = socket.AF_INET, ("0.0.0.0", cfg.port)
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        return True, "port %d is free" % cfg.port
+    except OSError as err:
+        in_use = err.errno == errno.EADDRINUSE
+    finally:
+        probe.close()
+    if not in_use:
+        return False, "cannot bind port %d: %s" % (cfg.port, err.strerror)
+    loopback = "::1" if family == socket.AF_INET6 and host in ("::", "::1") else "127.0.0.1"
+    if host not in ("::", "0.0.0.0"):
+        loopback = host
+    conn = http.client.HTTPConnection(loopback, cfg.port, timeout=3)
+    try:
+        conn.request("GET", "/synchook-check")
+        server = conn.getresponse().getheader("Server", "")
+    except (OSError, http.client.HTTPException):
+        server = ""
+    finally:
+        conn.close()
+    if server.startswith(PROG + "/"):
+        return True, "port %d is served by a running synchook (%s)" % (cfg.port, server)
+    return False, "port %d is already in use by another program" % cfg.port
+
+
+def check_tls(cfg):
+    if cfg.tls == "off":
+        return True, "TLS off: plain HTTP only (XO's bare tag needs HTTPS)"
+    if ssl is None:
+        return False, "this Python has no ssl module: XO's bare tag (HTTPS) cannot work"
+    if cfg.tls_cert:
+        try:
+            tls_context(cfg.tls_cert, cfg.tls_key)
+            return True, "certificate %s loads" % cfg.tls_cert
+        except (OSError, ssl.SSLError) as err:
+            return False, "certificate %s / key %s: %s" % (cfg.tls_cert, cfg.tls_key, err)
+    cert = os.path.join(cfg.state_dir, CERT_FILE)
+    if os.path.exists(cert):
+        try:
+            tls_context(cert, os.path.join(cfg.state_dir, KEY_FILE))
+            return True, "stored certificate %s loads" % cert
+        except (OSError, ssl.SSLError) as err:
+            return True, "stored certificate %s unusable (%s): replaced at start" % (cert, err)
+    return True, "no certificate yet: one is generated at first start in %s" % cfg.state_dir
+
+
+def cmd_check(cfg):
+    problems = []
+
+    def report(ok, text):
+        print("%-4s %s" % ("ok" if ok else "FAIL", text))
+        sys.stdout.flush()
+        if not ok:
+            problems.append(text)
+
+    report(*check_tls(cfg))
+    report(*check_port(cfg))
+    if cfg.hooks_dir:
+        hooks, skipped = list_hooks(cfg.hooks_dir)
+        report(True, "hooks dir %s: %d hook(s)%s" % (cfg.hooks_dir, len(hooks),
+               ": " + ", ".join(os.path.basename(h) for h in hooks) if hooks else ""))
+        for warning in skipped:
+            report(False, "hook skipped: " + warning)
+    if cfg.secret and cfg.secret_from_flag:
+        report(False, "--secret on the command line is visible in ps: use --secret-file")
+    phases = Phases(cfg)
+    steps = []
+    stop = lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        print("sync phase:")
+        steps = phases.sync_phase("check", Canceller())
+    except KeyboardInterrupt:
+        report(False, "interrupted during the sync phase")
+    finally:
+        for step in steps:
+            report(step.ok, "  %s: %s (%.3f s)" % (step.label, step.reason, step.duration))
+        print("post phase:")
+        post = phases.post_phase("check")
+        for step in post:
+            report(step.ok, "  %s: %s (%.3f s)" % (step.label, step.reason, step.duration))
+    if not steps and not post:
+        print("     (no command configured)")
+    print("all good" if not problems else "%d problem(s)" % len(problems))
+    return 0 if not problems else 1
+
+
+# ---------------------------------------------------------------------------
+# serve, and main
+# ---------------------------------------------------------------------------
+
+def prepare_runtime_dir(path):
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("--runtime-dir %s: cannot create: %s" % (path, err.strerror))
+    if not os.access(path, os.W_OK):
+        raise ConfigError("--runtime-dir %s: not writable" % path)
+
+
+def cmd_serve(cfg):
+    prepare_runtime_dir(cfg.runtime_dir)
+    if cfg.secret_from_flag:
+        log.warning("--secret on the command line is visible in ps; prefer --secret-file "
+                    "or SYNCHOOK_SECRET")
+    context = load_tls(cfg)
+    phases = Phases(cfg)
+    window = SyncWindow(phases, cfg.max_hold, cfg.runtime_dir)
+    window.recover()
+    try:
+        server = open_server(cfg, window, context)
+    except OSError as err:
+        log.error("cannot listen on %s port %d: %s", cfg.listen or "all addresses", cfg.port,
+                  err.strerror)
+        return 1
+    window.watchdog.start()
+
+    def on_signal(signum, frame):
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        server.wake()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host, port = server.server_address[:2]
+    scheme = {"auto": "https+http", "on": "https", "off": "http"}[
+        cfg.tls if context is not None else "off"]
+    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s%s",
+             __version__, "[%s]" % host if ":" in host else host, port, scheme, cfg.sync,
+             cfg.post_sync, " hold=%r" % cfg.hold if cfg.hold else "",
+             " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "",
+             " secret required" if cfg.secret else "")
+    notify_systemd("READY=1\nSTATUS=listening on port %d" % port)
+    server.serve()
+    notify_systemd("STOPPING=1")
+    server.socket.close()                       # stop accepting
+    window.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "serve"
+    if argv and argv[0] in ("serve", "check", "call"):
+        command = argv.pop(0)
+    if command == "call":
+        return cmd_call(argv)
+    prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
+    args = build_serve_parser(prog).parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        log.start(cfg.log_level, cfg.syslog)
+        if command == "check":
+            return cmd_check(cfg)
+        return cmd_serve(cfg)
+    except ConfigError as err:
+        sys.stderr.write("%s: error: %s\n" % (PROG, err))
+        log.close()
+        return 2
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

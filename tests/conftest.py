@@ -1,0 +1,205 @@
+"""Shared fixtures: start synchook.py as a real process and talk HTTP(S) to it."""
+
+import glob
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNCHOOK = os.path.join(ROOT, "synchook.py")
+sys.path.insert(0, ROOT)
+sys.dont_write_bytecode = True
+import synchook  # noqa: E402  (only for the certificate maker and constants)
+
+sys.dont_write_bytecode = False
+
+
+def interpreters():
+    """Every CPython 3.6+ under ~/.pyenv, and python3 from PATH, with a skip reason."""
+    found = []
+    for path in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/*/bin/python3"))):
+        version = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        parts = version.split(".")
+        if len(parts) >= 2 and parts[0] == "3" and parts[1].isdigit() and int(parts[1]) >= 6:
+            found.append(pytest.param(path, id="py" + ".".join(parts[:2])))
+    system = shutil.which("python3")
+    found.append(pytest.param(system or "python3", id="python3", marks=pytest.mark.skipif(
+        system is None, reason="no python3 on PATH")))
+    if len(found) == 1:
+        found.insert(0, pytest.param(sys.executable, id="current"))
+    return found
+
+
+@pytest.fixture(scope="session")
+def shared_cert(tmp_path_factory):
+    """One generated pair for the session: most tests need not pay for keygen."""
+    directory = tmp_path_factory.mktemp("cert")
+    cert, key = synchook.make_self_signed("localhost")
+    (directory / "cert.pem").write_text(cert)
+    (directory / "key.pem").write_text(key)
+    os.chmod(str(directory / "key.pem"), 0o600)
+    return directory
+
+
+def client_context():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Daemon:
+    """A running synchook.py: its port, its log, and XO-like requests."""
+
+    def __init__(self, tmp_path, args, env=None, python=None, state_dir=None, wait=True,
+                 cwd=None):
+        self.tmp = tmp_path
+        self.log_path = str(tmp_path / ("daemon-%d.log" % time.monotonic_ns()))
+        self.runtime = str(tmp_path / "run")
+        self.args = list(args)
+        cmd = [python or sys.executable, SYNCHOOK]
+        if "--port" not in self.args and "SYNCHOOK_PORT" not in (env or {}):
+            cmd += ["--port", "0"]
+        if "--runtime-dir" not in self.args:
+            cmd += ["--runtime-dir", self.runtime]
+        if "--state-dir" not in self.args and state_dir is not None:
+            cmd += ["--state-dir", str(state_dir)]
+        if "--listen" not in self.args:
+            cmd += ["--listen", "127.0.0.1"]
+        cmd += self.args
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCHOOK_")}
+        full_env.pop("JOURNAL_STREAM", None)
+        full_env.update(env or {})
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT)
+        self.port = None
+        if wait:
+            self.wait_listening()
+
+    def wait_listening(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on \S+ port (\d+)", self.log())
+            if match:
+                self.port = int(match.group(1))
+                return self.port
+            if self.proc.poll() is not None:
+                raise AssertionError("synchook exited %s:\n%s" % (self.proc.returncode, self.log()))
+            time.sleep(0.02)
+        raise AssertionError("synchook did not start:\n" + self.log())
+
+    def log(self):
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def wait_log(self, pattern, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log()):
+                return
+            time.sleep(0.02)
+        raise AssertionError("log never matched %r:\n%s" % (pattern, self.log()))
+
+    def connection(self, tls=False, timeout=30, host="127.0.0.1", source=None):
+        source_address = (source, 0) if source else None
+        if tls:
+            return http.client.HTTPSConnection(host, self.port, timeout=timeout,
+                                               context=client_context(),
+                                               source_address=source_address)
+        return http.client.HTTPConnection(host, self.port, timeout=timeout,
+                                          source_address=source_address)
+
+    def get(self, path, tls=False, method="GET", headers=None, timeout=30, host="127.0.0.1",
+            source=None):
+        conn = self.connection(tls, timeout, host, source)
+        try:
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8", "replace").strip()
+        finally:
+            conn.close()
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=30):
+        return self.proc.wait(timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def start(tmp_path, shared_cert):
+    """start(*args, env=..., python=...) -> a running Daemon, stopped at teardown."""
+    daemons = []
+
+    def _start(*args, **kwargs):
+        if "state_dir" not in kwargs:
+            state = tmp_path / ("state%d" % len(daemons))
+            if not state.exists():
+                shutil.copytree(str(shared_cert), str(state))
+            kwargs["state_dir"] = state
+        daemon = Daemon(tmp_path, args, **kwargs)
+        daemons.append(daemon)
+        return daemon
+
+    yield _start
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.fixture
+def rec(tmp_path):
+    """A file that hook commands append to, and a reader for it."""
+    path = tmp_path / "rec"
+
+    class Recorder:
+        file = str(path)
+
+        def cmd(self, word):
+            return "echo %s >> %s" % (word, path)
+
+        def lines(self):
+            return path.read_text().split() if path.exists() else []
+
+        def wait_for(self, lines, timeout=15):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.lines() == lines:
+                    return
+                time.sleep(0.02)
+            assert self.lines() == lines
+
+    return Recorder()
+
+
+def run(cmd, **kwargs):
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    kwargs.setdefault("universal_newlines", True)
+    kwargs.setdefault("timeout", 60)
+    return subprocess.run(cmd, **kwargs)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

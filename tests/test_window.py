@@ -1,0 +1,189 @@
+"""The sync window: opened once, closed exactly once, whatever happens."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+from conftest import run
+
+
+def parallel(n, fn):
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i):
+        barrier.wait()
+        results[i] = fn()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_twenty_concurrent_syncs_run_once_one_post_releases(start, rec):
+    d = start("--sync", "sleep 0.3; " + rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    results = parallel(20, lambda: d.get("/sync"))
+    assert results == [(200, "Ok")] * 20
+    assert rec.lines() == ["sync"]
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]
+    status = json.loads(d.get("/status")[1])
+    assert status["state"] == "idle"
+
+
+def test_commands_never_overlap(start, tmp_path):
+    lock = tmp_path / "lock"
+    overlap = tmp_path / "overlap"
+    body = ("if ! mkdir %s 2>/dev/null; then touch %s; fi; sleep 0.1; rmdir %s"
+            % (lock, overlap, lock))
+    d = start("--sync", body, "--post-sync", body)
+    results = parallel(6, lambda: (d.get("/sync"), d.get("/post-sync")))
+    assert all(r[0][0] == 200 and r[1][0] == 200 for r in results)
+    assert not overlap.exists()
+
+
+def test_sync_while_open_does_not_rerun_and_restarts_max_hold(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--max-hold", "2")
+    assert d.get("/sync") == (200, "Ok")
+    time.sleep(1.3)
+    assert d.get("/sync") == (200, "Ok")      # XO: checkpoint falling back to snapshot
+    time.sleep(1.3)                           # 2.6 s after the first /sync: still held
+    assert rec.lines() == ["sync"]
+    rec.wait_for(["sync", "post"], timeout=5)  # released 2 s after the second
+    assert d.get("/post-sync") == (200, "Ok")  # late: not run again
+    assert rec.lines() == ["sync", "post"]
+
+
+def test_failed_sync_still_owes_post(start, rec):
+    d = start("--sync", rec.cmd("sync") + "; exit 4", "--post-sync", rec.cmd("post"))
+    assert d.get("/sync") == (500, "command failed (exit 4)")
+    assert d.get("/sync") == (500, "command failed (exit 4)")   # same window, not re-run
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]
+
+
+def test_timed_out_sync_still_owes_post(start, rec):
+    d = start("--sync", rec.cmd("sync") + "; sleep 30", "--timeout", "0.5",
+              "--post-sync", rec.cmd("post"), "--max-hold", "1")
+    assert d.get("/sync")[0] == 500
+    rec.wait_for(["sync", "post"], timeout=5)      # by max-hold, since no /post-sync came
+
+
+def test_post_sync_during_slow_sync_cuts_it_short(start, rec):
+    d = start("--sync", rec.cmd("sync-start") + "; sleep 30; " + rec.cmd("sync-end"),
+              "--post-sync", rec.cmd("post"))
+    answers = {}
+    t = threading.Thread(target=lambda: answers.update(sync=d.get("/sync")))
+    t.start()
+    rec.wait_for(["sync-start"])
+    began = time.monotonic()
+    assert d.get("/post-sync") == (200, "Ok")
+    assert time.monotonic() - began < 5
+    t.join(10)
+    assert answers["sync"] == (500, "command ended early: /post-sync arrived")
+    time.sleep(0.3)
+    assert rec.lines() == ["sync-start", "post"]
+
+
+def test_max_hold_release_then_late_post_not_rerun(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--max-hold", "1")
+    assert d.get("/sync") == (200, "Ok")
+    rec.wait_for(["sync", "post"], timeout=5)
+    d.wait_log(r"warning: no /post-sync within --max-hold 1 s")
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]
+    assert d.get("/post-sync") == (200, "Ok")      # no window: released again, safe
+    assert rec.lines() == ["sync", "post", "post"]
+
+
+def test_post_sync_without_window_runs_post(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["post"]
+
+
+def test_sigterm_with_open_window_runs_post_and_exits_0(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/sync") == (200, "Ok")
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    assert rec.lines() == ["sync", "post"]
+    assert not os.path.exists(os.path.join(d.runtime, "window.json"))
+
+
+def test_sigint_lets_running_sync_finish_then_releases(start, rec):
+    d = start("--sync", "sleep 1; " + rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    t = threading.Thread(target=lambda: d.get("/sync"))
+    t.start()
+    time.sleep(0.4)
+    d.signal(signal.SIGINT)
+    assert d.wait(20) == 0
+    t.join(5)
+    assert rec.lines() == ["sync", "post"]
+
+
+def test_sigkill_then_restart_runs_post_from_marker(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/sync") == (200, "Ok")
+    marker = os.path.join(d.runtime, "window.json")
+    assert json.load(open(marker))["client"] == "127.0.0.1"
+    d.signal(signal.SIGKILL)
+    d.wait()
+    assert rec.lines() == ["sync"]
+    d2 = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"),
+               "--runtime-dir", d.runtime)
+    assert rec.lines() == ["sync", "post"]            # before it served anything
+    assert not os.path.exists(marker)
+    d2.wait_log(r"previous run ended with a window open")
+    assert d2.get("/sync") == (200, "Ok")
+    assert d2.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post", "sync", "post"]
+
+
+def test_no_marker_when_idle(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/sync")[0] == 200
+    assert os.path.exists(os.path.join(d.runtime, "window.json"))
+    assert d.get("/post-sync")[0] == 200
+    assert not os.path.exists(os.path.join(d.runtime, "window.json"))
+
+
+def test_status_reports_open_window(start):
+    d = start("--sync", "true", "--post-sync", "true")
+    d.get("/sync")
+    status = json.loads(d.get("/status")[1])
+    assert status["state"] == "open" and status["opened_by"] == "127.0.0.1"
+    assert status["last_sync"]["status"] == 200
+    assert status["last_sync"]["steps"][0]["exit"] == 0
+    assert 0 < status["max_hold_left"] <= 300
+    d.get("/post-sync")
+    status = json.loads(d.get("/status")[1])
+    assert status["state"] == "idle" and status["last_post_sync"]["reason"] == "Ok"
+    assert status["version"] and status["uptime"] >= 0
+
+
+def test_idle_server_makes_no_wakeups(start):
+    """No periodic polling: the process's context switches stay flat while idle."""
+    d = start("--sync", "true", "--post-sync", "true")
+    d.get("/sync")
+    d.get("/post-sync")
+    time.sleep(0.5)
+
+    def switches():
+        total = 0
+        for tid in os.listdir("/proc/%d/task" % d.proc.pid):
+            with open("/proc/%d/task/%s/status" % (d.proc.pid, tid)) as handle:
+                for line in handle:
+                    if "ctxt_switches" in line:
+                        total += int(line.split()[1])
+        return total
+
+    before = switches()
+    time.sleep(3)
+    assert switches() - before <= 2
+    run(["true"])
