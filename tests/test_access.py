@@ -1,0 +1,190 @@
+"""Who may call, and what a hostile client may cost."""
+
+import base64
+import resource
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from conftest import client_context
+
+
+def bearer(secret):
+    return {"Authorization": "Bearer " + base64.b64encode(secret.encode()).decode()}
+
+
+def test_secret_as_query_token_or_bearer_header(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"),
+              env={"SYNCHOOK_SECRET": "s3 cr=t&"})
+    assert d.get("/sync")[0] == 403
+    assert d.get("/sync?token=wrong")[0] == 403
+    assert d.get("/sync", headers=bearer("wrong"))[0] == 403
+    assert d.get("/sync", headers={"Authorization": "Bearer s3 cr=t&"})[0] == 403  # not base64
+    assert d.get("/status")[0] == 403
+    assert rec.lines() == []
+    assert d.get("/sync?token=s3%20cr%3Dt%26", tls=True) == (200, "Ok")
+    assert d.get("/post-sync", headers=bearer("s3 cr=t&")) == (200, "Ok")
+    assert d.get("/status", headers={"authorization": "bearer   " + bearer("s3 cr=t&")[
+        "Authorization"].split()[1]})[0] == 200
+    assert rec.lines() == ["sync", "post"]
+
+
+def test_secret_file_and_warning_for_flag(start, tmp_path, rec):
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    d = start("--secret-file", str(path), "--sync", rec.cmd("sync"))
+    assert d.get("/sync?token=from-file")[0] == 200
+    assert "visible in ps" not in d.log()
+    d2 = start("--secret", "on-the-command-line", "--sync", "true")
+    d2.wait_log(r"warning: --secret on the command line is visible in ps")
+
+
+def test_allow_list_ipv4(start, rec):
+    d = start("--allow", "127.0.0.2", "--sync", rec.cmd("sync"))
+    with pytest.raises((ConnectionError, OSError)):
+        d.get("/sync", source="127.0.0.1", timeout=5)
+    assert d.get("/sync", source="127.0.0.2") == (200, "Ok")
+    d.wait_log(r"127\.0\.0\.1: connection refused: not in --allow")
+    assert rec.lines() == ["sync"]
+
+
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_allow_list_ipv6_and_ipv4_mapped(start, rec):
+    d = start("--listen", "::", "--allow", "::1,127.0.0.2/32", "--sync", rec.cmd("sync"))
+    assert d.get("/sync", host="::1") == (200, "Ok")
+    # 127.0.0.2 reaches the dual-stack socket as ::ffff:127.0.0.2: its IPv4 entry matches
+    assert d.get("/sync", host="127.0.0.1", source="127.0.0.2") == (200, "Ok")
+    with pytest.raises((ConnectionError, OSError)):
+        d.get("/sync", host="127.0.0.1", source="127.0.0.1", timeout=5)
+    d.wait_log(r"\b127\.0\.0\.1: connection refused")
+    assert rec.lines() == ["sync"]
+
+
+def test_slowloris_dropped_after_header_timeout(start, rec):
+    d = start("--header-timeout", "1", "--sync", rec.cmd("sync"))
+    sock = socket.create_connection(("127.0.0.1", d.port))
+    began = time.monotonic()
+    closed_after = None
+    try:
+        for byte in b"GET /sync HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            sock.send(bytes([byte]))
+            time.sleep(0.2)          # each byte well within any per-read timeout
+    except OSError:
+        closed_after = time.monotonic() - began
+    sock.close()
+    assert closed_after is not None and closed_after < 4
+    assert rec.lines() == []
+
+
+def read_all(sock):
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data
+
+
+@pytest.mark.parametrize("payload,status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"GET /sync HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+    (b"GET /sync HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(100)) + b"\r\n",
+     b"431"),
+    (b"GET /sync HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"y" * 4000)
+                                         for i in range(20)) + b"\r\n", b"431"),
+])
+def test_oversized_heads_refused(start, rec, payload, status):
+    d = start("--sync", rec.cmd("sync"))
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        try:
+            sock.sendall(payload)
+        except OSError:
+            pass
+        assert read_all(sock).split(b" ")[1] == status
+    assert rec.lines() == []
+
+
+def test_tls_garbage_dropped(start, rec):
+    d = start("--sync", rec.cmd("sync"))
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x10" + b"\xff" * 64)
+        assert read_all(sock)[:5] != b"HTTP/"
+    assert d.get("/sync", tls=True) == (200, "Ok")
+    assert rec.lines() == ["sync"]
+
+
+def test_silent_connection_dropped(start):
+    d = start("--header-timeout", "1", "--sync", "true")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        began = time.monotonic()
+        assert read_all(sock) == b""
+        assert time.monotonic() - began < 4
+
+
+def thread_count(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0])
+
+
+def test_thousand_stalled_connections_do_not_starve_sync(start, rec):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2200 and hard != resource.RLIM_INFINITY:
+        pytest.skip("RLIMIT_NOFILE hard limit %d is below 2200" % hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2200), hard))
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    stalled = []
+    kinds = [b"", b"GET /sync HTT", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
+    try:
+        for i in range(1000):
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            if kinds[i % 3]:
+                sock.sendall(kinds[i % 3])
+            stalled.append(sock)
+        time.sleep(0.5)
+        threads, rss = thread_count(d.proc.pid)
+        for tls in (False, True):
+            began = time.monotonic()
+            assert d.get("/sync", tls=tls, timeout=10) == (200, "Ok")
+            took = time.monotonic() - began
+            assert took < 2.0, "/sync took %.2f s behind 1,000 stalled connections" % took
+        assert d.get("/post-sync", timeout=10) == (200, "Ok")
+        print("\n1000 stalled: server threads %d, RSS %d kB" % (threads, rss))
+        assert threads <= 256 + 10
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert rec.lines() == ["sync", "post"]
+
+
+def test_connections_busy_with_real_requests_are_not_evicted(start, rec):
+    d = start("--max-connections", "4", "--sync", "sleep 1; " + rec.cmd("sync"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(d.get("/sync")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    flood = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(20)]
+    for t in threads:
+        t.join(20)
+    for sock in flood:
+        sock.close()
+    assert results == [(200, "Ok")] * 3
+    d.wait_log(r"connection limit: dropped the oldest idle connection|connections busy")
