@@ -174,7 +174,8 @@ def test_thousand_stalled_connections_do_not_starve_sync(start, rec):
 
 
 def test_connections_busy_with_real_requests_are_not_evicted(start, rec):
-    d = start("--max-connections", "4", "--sync", "sleep 1; " + rec.cmd("sync"))
+    d = start("--max-connections", "4", "--log-level", "debug", "--sync",
+              "sleep 1; " + rec.cmd("sync"))
     results = []
     threads = [threading.Thread(target=lambda: results.append(d.get("/sync")))
                for _ in range(3)]
