@@ -859,7 +859,11 @@ class Hold:
 
 
 def list_hooks(directory):
-    """Executable hooks in name order, and warnings for those skipped."""
+    """Executable hooks in name order, and (unsafe, reason) for each file skipped.
+
+    Leftover and odd names are skipped quietly; unsafe ownership or modes are
+    worth a warning (as root, a hook a user could write is a way to root).
+    """
     hooks, skipped = [], []
     if not directory:
         return hooks, skipped
@@ -867,26 +871,27 @@ def list_hooks(directory):
         names = sorted(os.listdir(directory))
         dir_stat = os.stat(directory)
     except OSError as err:
-        return hooks, ["%s: cannot read: %s" % (directory, err.strerror)]
+        return hooks, [(True, "%s: cannot read: %s" % (directory, err.strerror))]
     root = os.geteuid() == 0
     if root and (dir_stat.st_uid != 0 or dir_stat.st_mode & 0o022):
-        return hooks, ["%s: not owned by root or writable by group/others; "
-                       "no hook in it runs" % directory]
+        return hooks, [(True, "%s: not owned by root or writable by group/others; "
+                              "no hook in it runs" % directory)]
     for name in names:
         path = os.path.join(directory, name)
         if not HOOK_NAME.match(name) or HOOK_LEFTOVER.search(name):
-            skipped.append("%s: name skipped (leftover or not [A-Za-z0-9_.-])" % path)
+            skipped.append((False, "%s: name skipped (hidden, leftover or not [A-Za-z0-9_.-])"
+                            % path))
             continue
         try:
             st = os.stat(path)
         except OSError as err:
-            skipped.append("%s: %s" % (path, err.strerror))
+            skipped.append((True, "%s: %s" % (path, err.strerror)))
             continue
         if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
-            skipped.append("%s: not an executable regular file" % path)
+            skipped.append((False, "%s: not an executable regular file" % path))
             continue
         if root and (st.st_uid != 0 or st.st_mode & 0o022):
-            skipped.append("%s: not owned by root or writable by group/others" % path)
+            skipped.append((True, "%s: not owned by root or writable by group/others" % path))
             continue
         hooks.append(path)
     return hooks, skipped
@@ -912,8 +917,8 @@ class Phases:
 
     def hooks(self):
         hooks, skipped = list_hooks(self.cfg.hooks_dir)
-        for warning in skipped:
-            log.warning("hooks dir: %s", warning)
+        for unsafe, reason in skipped:
+            (log.warning if unsafe else log.debug)("hooks dir: %s", reason)
         return hooks
 
     def sync_phase(self, client, cancel):
@@ -2012,8 +2017,11 @@ def cmd_check(cfg):
         hooks, skipped = list_hooks(cfg.hooks_dir)
         report(True, "hooks dir %s: %d hook(s)%s" % (cfg.hooks_dir, len(hooks),
                ": " + ", ".join(os.path.basename(h) for h in hooks) if hooks else ""))
-        for warning in skipped:
-            report(False, "hook skipped: " + warning)
+        for unsafe, reason in skipped:
+            if unsafe:
+                report(False, "hook skipped: " + reason)
+            else:
+                print("--   " + reason)
     if cfg.secret and cfg.secret_from_flag:
         report(False, "--secret on the command line is visible in ps: use --secret-file")
     phases = Phases(cfg)
