@@ -1373,6 +1373,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def serve_status(self):
         state = self.server.window.status()
+        state["log_lines_dropped"] = log.dropped
         state["version"] = __version__
         state["uptime"] = round(time.monotonic() - self.server.started, 1)
         self.reply(200, json.dumps(state, indent=1), content_type="application/json")

@@ -61,12 +61,12 @@ class Daemon:
     """A running synchook.py: its port, its log, and XO-like requests."""
 
     def __init__(self, tmp_path, args, env=None, python=None, state_dir=None, wait=True,
-                 cwd=None):
+                 cwd=None, command=None):
         self.tmp = tmp_path
         self.log_path = str(tmp_path / ("daemon-%d.log" % time.monotonic_ns()))
         self.runtime = str(tmp_path / "run")
         self.args = list(args)
-        cmd = [python or sys.executable, SYNCHOOK]
+        cmd = list(command or [python or sys.executable, SYNCHOOK])
         if "--port" not in self.args and "SYNCHOOK_PORT" not in (env or {}):
             cmd += ["--port", "0"]
         if "--runtime-dir" not in self.args:

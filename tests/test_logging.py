@@ -1,0 +1,151 @@
+"""Where logs go: syslog (never blocking), and systemd readiness."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SYNCHOOK, run
+
+
+def test_notify_socket_gets_ready(start, tmp_path):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(20)
+        d = start("--sync", "true", env={"NOTIFY_SOCKET": path})
+        message = sock.recv(4096).decode()
+        assert message.startswith("READY=1")
+        assert "port %d" % d.port in message
+        d.stop()
+        assert sock.recv(4096).decode() == "STOPPING=1"
+
+
+def test_abstract_notify_socket(start):
+    name = "synchook-test-%d" % os.getpid()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(20)
+        start("--sync", "true", env={"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(4096).startswith(b"READY=1")
+
+
+def in_private_dev(tmp_path, with_log):
+    """Run synchook in a mount namespace whose /dev has null, urandom and maybe log."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to give synchook its own /dev/log")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    os.mknod(str(dev / "null"), 0o666 | 0o020000, os.makedev(1, 3))
+    os.mknod(str(dev / "urandom"), 0o666 | 0o020000, os.makedev(1, 9))
+    receiver = None
+    if with_log:
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(dev / "log"))
+    probe = run(["unshare", "-m", "sh", "-c", "mount --bind %s /dev && ls /dev" % dev])
+    if probe.returncode != 0:
+        pytest.skip("cannot make a mount namespace here: " + probe.stderr.strip())
+    return dev, receiver
+
+
+def start_in_namespace(tmp_path, dev, *args):
+    log = open(str(tmp_path / "stderr"), "wb")
+    cmd = ("mount --bind %s /dev && exec %s %s --syslog --listen 127.0.0.1 --port 0 "
+           "--tls off --runtime-dir %s %s" % (dev, sys.executable, SYNCHOOK, tmp_path / "run",
+                                              " ".join(args)))
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], stdout=log, stderr=log)
+    return proc
+
+
+def read_datagrams(sock, until, timeout=15):
+    sock.settimeout(0.2)
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(65536).decode())
+        except socket.timeout:
+            if any(until in m for m in got):
+                return got
+    return got
+
+
+def http(port, path):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, response.read().decode()
+
+
+def port_from(messages):
+    for message in messages:
+        if "listening on" in message:
+            return int(message.split(" port ")[1].split()[0])
+    raise AssertionError("no listening line in %r" % messages)
+
+
+def test_syslog_messages_arrive_with_priority(tmp_path):
+    dev, receiver = in_private_dev(tmp_path, with_log=True)
+    proc = start_in_namespace(tmp_path, dev, "--sync", "'exit 3'")
+    try:
+        messages = read_datagrams(receiver, "listening on")
+        port = port_from(messages)
+        assert http(port, "/sync")[0] == 500
+        messages += read_datagrams(receiver, "GET /sync 500")
+        assert any(m.startswith("<28>") and "synchook[" in m and "command failed (exit 3)" in m
+                   for m in messages), messages          # daemon.warning = 3*8+4
+        assert any(m.startswith("<30>") and "listening on" in m for m in messages)  # info
+        assert open(str(tmp_path / "stderr")).read() == ""    # nothing on stderr
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        receiver.close()
+
+
+def test_syslog_full_socket_drops_and_counts(tmp_path):
+    dev, receiver = in_private_dev(tmp_path, with_log=True)
+    proc = start_in_namespace(tmp_path, dev, "--sync", "'seq 1 3000'")
+    try:
+        messages = read_datagrams(receiver, "listening on")
+        port = port_from(messages)
+        # Nobody reads /dev/log now: the socket fills and the daemon must not block.
+        began = time.monotonic()
+        assert http(port, "/sync") == (200, "Ok\n")
+        assert http(port, "/post-sync")[0] == 200
+        assert time.monotonic() - began < 10
+        status = json.loads(http(port, "/status")[1])
+        assert status["log_lines_dropped"] > 0
+        messages = read_datagrams(receiver, "log lines dropped")
+        assert any("log lines dropped" in m for m in messages)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        receiver.close()
+
+
+def test_syslog_missing_socket_does_not_stop_service(tmp_path):
+    dev, _ = in_private_dev(tmp_path, with_log=False)
+    proc = start_in_namespace(tmp_path, dev, "--sync", "true", "--port", "0")
+    try:
+        # No log line can tell the port: find it from the process's listening socket.
+        port = None
+        deadline = time.monotonic() + 20
+        while port is None and time.monotonic() < deadline:
+            out = run(["ss", "-Hltnp"]).stdout if shutil.which("ss") else ""
+            for line in out.splitlines():
+                if "pid=%d," % proc.pid in line or "python" in line and str(proc.pid) in line:
+                    port = int(line.split()[3].rsplit(":", 1)[1])
+            time.sleep(0.1)
+        if port is None:
+            pytest.skip("cannot find the port without ss")
+        assert http(port, "/sync") == (200, "Ok\n")
+        assert json.loads(http(port, "/status")[1])["log_lines_dropped"] > 0
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
