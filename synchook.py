@@ -169,8 +169,9 @@ class Log:
                 return
             if self.dropped != self.reported_dropped:
                 lost = self.dropped - self.reported_dropped
-                self.reported_dropped = self.dropped
-                self.sink.write(30, time.time(), "%d log lines dropped (log output was blocked)" % lost)
+                if self.sink.write(30, time.time(),
+                                   "%d log lines dropped (log output was blocked)" % lost):
+                    self.reported_dropped += lost
             if not self.sink.write(*item):
                 self.dropped += 1
 
