@@ -24,6 +24,7 @@ import base64  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
 import errno  # noqa: E402
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import http.client  # noqa: E402
@@ -32,7 +33,6 @@ import io  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import queue  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import select  # noqa: E402
@@ -73,6 +73,8 @@ MAX_HEADER_LINE = 8192             # bytes in one header line (431 beyond)
 MAX_HEADERS = 64                   # header lines per request (431 beyond)
 MAX_HEAD = 32768                   # bytes in request line plus headers
 LOG_QUEUE = 2000                   # log lines waiting for the writer; more are dropped
+LOG_COALESCE = 0.01                # the writer gathers a burst of lines this long
+IDLE_WORKERS = 4                   # connection threads kept waiting for the next one
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
@@ -116,16 +118,21 @@ class ConfigError(Exception):
 # ---------------------------------------------------------------------------
 
 class Log:
-    """Log lines go through a bounded queue to one writer thread.
+    """Log lines go through a bounded buffer to one writer thread.
 
     A hook thread must never block on a log write: stderr may be a pipe to a
-    journal that writes to the very filesystem the hook froze.  When the queue
+    journal that writes to the very filesystem the hook froze.  When the buffer
     is full, lines are dropped and counted, and the count is logged later.
+    The writer sleeps on a semaphore, woken once per burst, and writes a
+    burst in one system call.
     """
 
     def __init__(self):
         self.level = LEVELS["info"]
-        self.queue = queue.Queue(LOG_QUEUE)
+        self.pending = collections.deque()
+        self.wake = threading.Semaphore(0)
+        self.sleeping = False
+        self.closing = False
         self.dropped = 0
         self.reported_dropped = 0
         self.sink = StderrSink()
@@ -153,36 +160,48 @@ class Log:
     def _emit(self, level, msg, args):
         if level < self.level:
             return
-        text = escape(msg % args if args else msg)
+        item = (level, time.time(), escape(msg % args if args else msg))
         if self.thread is None:          # before start(): plain synchronous write
-            self.sink.write(level, time.time(), text)
+            self.sink.write([item])
             return
-        try:
-            self.queue.put_nowait((level, time.time(), text))
-        except queue.Full:
+        if len(self.pending) >= LOG_QUEUE:
             self.dropped += 1
+            return
+        self.pending.append(item)
+        if self.sleeping:
+            self.sleeping = False
+            self.wake.release()
 
     def _write_loop(self):
         while True:
-            item = self.queue.get()
-            if item is None:
-                return
+            batch = []
+            while self.pending:
+                batch.append(self.pending.popleft())
             if self.dropped != self.reported_dropped:
                 lost = self.dropped - self.reported_dropped
-                if self.sink.write(30, time.time(),
-                                   "%d log lines dropped (log output was blocked)" % lost):
+                if self.sink.write([(30, time.time(), "%d log lines dropped (log output "
+                                                      "was blocked)" % lost)]):
                     self.reported_dropped += lost
-            if not self.sink.write(*item):
-                self.dropped += 1
+            if batch:
+                written = self.sink.write(batch)
+                self.dropped += len(batch) - written
+                continue
+            if self.closing:
+                return
+            self.sleeping = True
+            if not self.pending and not self.closing:   # re-check after raising the flag
+                self.wake.acquire()
+                # Let the rest of a request's lines arrive: one write per burst, and
+                # the request thread is not interrupted after every line.
+                time.sleep(LOG_COALESCE)
+            self.sleeping = False
 
     def close(self, timeout=2.0):
-        """Flush what is queued, but never wait on a blocked sink for long."""
+        """Flush what is buffered, but never wait on a blocked sink for long."""
         if self.thread is None:
             return
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
+        self.closing = True
+        self.wake.release()
         self.thread.join(timeout)
 
 
@@ -192,20 +211,21 @@ class StderrSink:
     def __init__(self):
         self.journal = bool(os.environ.get("JOURNAL_STREAM"))
 
-    def write(self, level, when, text):
+    def line(self, level, when, text):
         if self.journal:
-            line = "<%d>%s\n" % (JOURNAL_PRIORITY[level], text)
-        else:
-            stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).astimezone()
-            line = "%s %s: %s\n" % (stamp.isoformat(timespec="milliseconds"),
-                                    LEVEL_NAMES[level], text)
-        data = line.encode("utf-8", "replace")
+            return "<%d>%s\n" % (JOURNAL_PRIORITY[level], text)
+        stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).astimezone()
+        return "%s %s: %s\n" % (stamp.isoformat(timespec="milliseconds"), LEVEL_NAMES[level], text)
+
+    def write(self, items):
+        """Write items in one go; returns how many were written."""
+        data = "".join(self.line(*item) for item in items).encode("utf-8", "replace")
         try:
             while data:
                 data = data[os.write(2, data):]
-            return True
+            return len(items)
         except OSError:
-            return False
+            return 0
 
 
 class SyslogSink:
@@ -229,21 +249,23 @@ class SyslogSink:
         self.sock = sock
         return True
 
-    def write(self, level, when, text):
-        if self.sock is None and not self._connect():
-            return False
-        pri = SYSLOG_FACILITY * 8 + JOURNAL_PRIORITY[level]
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(when))
-        msg = "<%d>%s %s[%d]: %s" % (pri, stamp, PROG, os.getpid(), text)
-        try:
-            self.sock.send(msg.encode("utf-8", "replace")[:8192])
-            return True
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:                     # syslogd restarted: reconnect next time
-            self.sock.close()
-            self.sock = None
-            return False
+    def write(self, items):
+        written = 0
+        for level, when, text in items:
+            if self.sock is None and not self._connect():
+                continue
+            pri = SYSLOG_FACILITY * 8 + JOURNAL_PRIORITY[level]
+            stamp = time.strftime("%b %d %H:%M:%S", time.localtime(when))
+            msg = "<%d>%s %s[%d]: %s" % (pri, stamp, PROG, os.getpid(), text)
+            try:
+                self.sock.send(msg.encode("utf-8", "replace")[:8192])
+                written += 1
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:                     # syslogd restarted: reconnect next time
+                self.sock.close()
+                self.sock = None
+        return written
 
 
 log = Log()
@@ -689,6 +711,65 @@ def spawn_error(err):
     return "cannot start command: %s" % err.strerror
 
 
+def open_pidfd(pid):
+    """A descriptor that becomes readable when pid exits (Linux 5.3+, Python 3.9+),
+    so waiting for a command needs no polling; None where unsupported."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)  # novermin
+    except OSError:
+        return None
+
+
+def follow(proc, deadline, cancel, output, label):
+    """Log proc's output until it exits; returns None, "timeout" or "cancel".
+
+    Once the child has exited, its output is drained for DRAIN_GRACE at most:
+    a grandchild that inherited stdout must not hold the request.
+    """
+    fd = proc.stdout.fileno()
+    pidfd = open_pidfd(proc.pid)
+    eof = False
+    exited_at = None
+    delay = 0.0005                   # polling for the exit, where there is no pidfd
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                return "cancel"
+            now = time.monotonic()
+            if now >= deadline:
+                return "timeout"
+            if proc.poll() is not None:
+                exited_at = exited_at or now
+                if eof or now - exited_at >= DRAIN_GRACE:
+                    if not eof:
+                        log.debug("%s: exited, but something still holds its output open", label)
+                    return None
+            watched = [] if cancel is None else [cancel]
+            if not eof:
+                watched.append(fd)
+            wait = deadline - now
+            if exited_at is not None:
+                wait = min(wait, DRAIN_GRACE - (now - exited_at))
+            elif pidfd is not None:
+                watched.append(pidfd)
+            elif eof:
+                wait, delay = min(wait, delay), min(delay * 2, POLL)
+            else:
+                wait = min(wait, POLL)
+            ready = select.select(watched, [], [], max(wait, 0))[0]
+            if fd in ready:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    output.feed(chunk)
+                else:
+                    eof = True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 def run_command(argv, label, env, timeout, cancel=None):
     """Run argv to completion, logging its output; return a Result.
 
@@ -704,39 +785,8 @@ def run_command(argv, label, env, timeout, cancel=None):
         log.warning("%s: %s", label, reason)
         return Result(label, False, reason, None, time.monotonic() - started)
     output = OutputLogger(label)
-    fd = proc.stdout.fileno()
-    deadline = started + timeout
-    ended = None              # "timeout" or "cancel" when we stop it
-    eof = False
-    exited_at = None
     try:
-        while True:
-            if cancel is not None and cancel.is_set():
-                ended = "cancel"
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                ended = "timeout"
-                break
-            if eof:
-                try:
-                    proc.wait(min(remaining, POLL))
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            watched = [fd] if cancel is None else [fd, cancel]
-            ready = select.select(watched, [], [], min(remaining, POLL))[0]
-            if fd in ready:
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    output.feed(chunk)
-                else:
-                    eof = True
-            elif not ready and proc.poll() is not None:
-                exited_at = exited_at or time.monotonic()
-                if time.monotonic() - exited_at >= DRAIN_GRACE:
-                    log.debug("%s: exited, but something still holds its output open", label)
-                    break
+        ended = follow(proc, started + timeout, cancel, output, label)
     except BaseException:
         end_process_group(proc, label)
         raise
@@ -908,10 +958,13 @@ class Phases:
     def __init__(self, cfg):
         self.cfg = cfg
         self.hold = Hold(cfg.hold) if cfg.hold else None
+        # os.environ decodes every variable on each copy; the daemon's own
+        # environment does not change, so copy it once.
+        self.base_env = dict(os.environ)
+        self.base_env.pop("SYNCHOOK_SECRET", None)
 
     def env(self, phase, client):
-        env = dict(os.environ)
-        env.pop("SYNCHOOK_SECRET", None)
+        env = dict(self.base_env)
         env["SYNCHOOK_PHASE"] = phase
         env["SYNCHOOK_CLIENT"] = client
         return env
@@ -1105,11 +1158,12 @@ class SyncWindow:
 
     def write_marker(self, client):
         data = json.dumps({"pid": os.getpid(), "opened_at": now_iso(), "client": client})
-        tmp = self.marker + ".tmp"
         try:
-            with open(tmp, "w") as handle:
-                handle.write(data + "\n")
-            os.replace(tmp, self.marker)
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data.encode() + b"\n")   # even a torn marker means "open"
+            finally:
+                os.close(fd)
         except OSError as err:
             log.error("cannot write window marker %s: %s (a crash now would not be "
                       "recovered at restart)", self.marker, err.strerror)
@@ -1393,9 +1447,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # Head and body in one write: one segment on the wire, no Nagle wait.
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
         log.info("%s %s %s %d %.3fs", self.client_ip, self.command or "-",
                  escape(self.path.partition("?")[0], 200), status,
                  time.monotonic() - self.started)
@@ -1423,6 +1479,23 @@ else:  # Python 3.6: the same class, as 3.7 defines it
         daemon_threads = True
 
 
+class Slot:
+    """Hands one connection to a parked worker thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.job = (None, None)
+
+    def hand(self, request, client_address):
+        self.job = (request, client_address)
+        self.lock.release()
+
+    def take(self):
+        self.lock.acquire()
+        return self.job
+
+
 class Connection:
     __slots__ = ("sock", "state", "since")
 
@@ -1445,6 +1518,7 @@ class SyncHookServer(ThreadingHTTPServer):
         self.started = time.monotonic()
         self.connections = {}
         self.connections_lock = threading.Lock()
+        self.idle_workers = []
         self.stopping = False
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -1484,7 +1558,10 @@ class SyncHookServer(ThreadingHTTPServer):
     # Who may connect, and how many ---------------------------------------------
     @staticmethod
     def client_ip(client_address):
-        host = client_address[0].split("%", 1)[0]
+        host = client_address[0]
+        if ":" not in host:                  # plain IPv4: the common case, kept cheap
+            return host
+        host = host.split("%", 1)[0]
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
@@ -1530,6 +1607,27 @@ class SyncHookServer(ThreadingHTTPServer):
             if conn is not None:
                 conn.state = state
                 conn.since = time.monotonic()
+
+    # Threads: one per connection, as ThreadingMixIn does, but a thread that
+    # finished a connection waits (blocked, no polling) for the next one
+    # instead of exiting: starting a thread costs more than a /sync's parsing.
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            if self.idle_workers:
+                self.idle_workers.pop().hand(request, client_address)
+                return
+        threading.Thread(target=self._work, args=(request, client_address),
+                         name="connection", daemon=True).start()
+
+    def _work(self, request, client_address):
+        while request is not None:
+            self.process_request_thread(request, client_address)
+            slot = Slot()
+            with self.connections_lock:
+                if len(self.idle_workers) >= IDLE_WORKERS:
+                    return
+                self.idle_workers.append(slot)
+            request, client_address = slot.take()
 
     def shutdown_request(self, request):
         with self.connections_lock:
@@ -2092,6 +2190,11 @@ def cmd_serve(cfg):
              cfg.post_sync, " hold=%r" % cfg.hold if cfg.hold else "",
              " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "",
              " secret required" if cfg.secret else "")
+    if hasattr(gc, "freeze"):
+        # Start-up objects live for ever: keep them out of the collector's full
+        # passes, which would otherwise add milliseconds to an unlucky request.
+        gc.collect()
+        gc.freeze()  # novermin
     notify_systemd("READY=1\nSTATUS=listening on port %d" % port)
     server.serve()
     notify_systemd("STOPPING=1")
