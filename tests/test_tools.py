@@ -247,3 +247,33 @@ def test_check_recognises_running_daemon(start, tmp_path):
                 "--runtime-dir", str(tmp_path / "r"))
     assert "ok   port %d is served by a running synchook" % d.port in out.stdout
     assert out.returncode == 0, out.stdout
+
+
+FAKE_MYSQL = """#!/bin/sh
+# A stand-in for `mysql -N --unbuffered`: the lock lives as long as its input.
+while IFS= read -r line; do
+    case $line in
+        "FLUSH TABLES WITH READ LOCK;") echo lock >> "$REC" ;;
+        'SELECT "locked";') echo locked ;;
+    esac
+done
+echo unlock >> "$REC"
+"""
+
+
+def test_readme_mysql_recipe_with_stand_in(start, rec, tmp_path):
+    import re
+    readme = open(os.path.join(os.path.dirname(SYNCHOOK), "README.md")).read()
+    hold = re.search(r"    --hold '(.+)' \\\n    --sync 'sync'", readme).group(1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mysql").write_text(FAKE_MYSQL)
+    os.chmod(str(bin_dir / "mysql"), 0o755)
+    d = start("--hold", hold, "--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"),
+              env={"PATH": "%s:%s" % (bin_dir, os.environ["PATH"]), "REC": rec.file})
+    assert d.get("/sync") == (200, "Ok")
+    assert rec.lines() == ["lock", "sync"]          # locked before the sync command
+    time.sleep(0.5)
+    assert rec.lines() == ["lock", "sync"]          # and still locked
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["lock", "sync", "post", "unlock"]
