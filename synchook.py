@@ -99,9 +99,11 @@ def escape(text, limit=None):
     return text
 
 
-def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(
-        timespec="milliseconds")
+def iso(when=None):
+    """Local ISO 8601 time of a time.time() value (default: now)."""
+    stamp = datetime.datetime.fromtimestamp(time.time() if when is None else when,
+                                            datetime.timezone.utc)
+    return stamp.astimezone().isoformat(timespec="milliseconds")
 
 
 def seconds(value):
@@ -214,8 +216,7 @@ class StderrSink:
     def line(self, level, when, text):
         if self.journal:
             return "<%d>%s\n" % (JOURNAL_PRIORITY[level], text)
-        stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).astimezone()
-        return "%s %s: %s\n" % (stamp.isoformat(timespec="milliseconds"), LEVEL_NAMES[level], text)
+        return "%s %s: %s\n" % (iso(when), LEVEL_NAMES[level], text)
 
     def write(self, items):
         """Write items in one go; returns how many were written."""
@@ -468,7 +469,8 @@ def read_config_file(path):
         with open(path, encoding="utf-8") as handle:
             text = handle.read(1 << 20)
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError("--config %s: cannot read: %s" % (path, getattr(err, "strerror", err) or err))
+        reason = getattr(err, "strerror", None) or err
+        raise ConfigError("--config %s: cannot read: %s" % (path, reason))
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace_split = True
     lexer.commenters = "#"
@@ -487,7 +489,8 @@ def read_config_file(path):
             continue
         name, sep, value = word.partition("=")
         if not sep:
-            raise ConfigError("%s line %d: expected SYNCHOOK_NAME=value, got %r" % (path, line, word))
+            raise ConfigError("%s line %d: expected SYNCHOOK_NAME=value, got %r"
+                              % (path, line, word))
         if name not in OPTION_BY_ENV or name == "SYNCHOOK_CONFIG":
             raise ConfigError("%s line %d: unknown setting %s" % (path, line, name))
         values[name] = (value, "%s line %d" % (path, line))
@@ -613,11 +616,11 @@ class Result:
     def __init__(self, label, ok, reason, code=None, duration=0.0):
         self.label, self.ok, self.reason, self.code = label, ok, reason, code
         self.duration = duration
-        self.at = now_iso()
+        self.at = time.time()
 
     def as_dict(self):
         return {"step": self.label, "ok": self.ok, "reason": self.reason,
-                "exit": self.code, "duration": round(self.duration, 3), "at": self.at}
+                "exit": self.code, "duration": round(self.duration, 3), "at": iso(self.at)}
 
 
 class OutputLogger:
@@ -661,9 +664,23 @@ class OutputLogger:
             log.info("%s| (%d more output lines not logged)", self.label, self.suppressed)
 
 
+def group_gone(proc, pgid, wait):
+    """Wait up to `wait` seconds for every member of the group to be gone."""
+    deadline = time.monotonic() + wait
+    while True:
+        proc.poll()                        # reap our child, or the group never empties
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def end_process_group(proc, label):
     """SIGTERM the group, SIGKILL it after a grace; never wait forever for a reap."""
-    pgid = proc.pid
+    pgid = proc.pid                        # a new session: its group id is its pid
     for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, KILL_WAIT)):
         try:
             os.killpg(pgid, sig)
@@ -672,17 +689,8 @@ def end_process_group(proc, label):
         except OSError as err:
             log.warning("%s: cannot signal process group %d: %s", label, pgid, err.strerror)
             break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()
-            try:
-                os.killpg(pgid, 0)
-            except OSError:
-                break
-            time.sleep(0.02)
-        else:
-            continue
-        break
+        if group_gone(proc, pgid, wait):
+            break
     try:
         proc.wait(KILL_WAIT)
     except subprocess.TimeoutExpired:
@@ -1128,10 +1136,20 @@ class SyncWindow:
             self._give_turn()
 
     def status(self):
+        def result(last):
+            if last is None:
+                return None
+            when, steps = last
+            status, text = phase_answer(steps)
+            return {"status": status, "reason": text, "at": iso(when),
+                    "steps": [step.as_dict() for step in steps]}
+
         with self.cond:
             state = {"state": "open" if self.is_open else "idle",
-                     "open_since": self.opened_at, "opened_by": self.opened_by,
-                     "last_sync": self.last["sync"], "last_post_sync": self.last["post-sync"]}
+                     "open_since": iso(self.opened_at) if self.opened_at else None,
+                     "opened_by": self.opened_by,
+                     "last_sync": result(self.last["sync"]),
+                     "last_post_sync": result(self.last["post-sync"])}
             if self.is_open and self.deadline is not None:
                 state["max_hold_left"] = round(max(0.0, self.deadline - time.monotonic()), 1)
         return state
@@ -1144,7 +1162,7 @@ class SyncWindow:
             self.syncing = True
             self.cancel.clear()
             self.released_by_watchdog = False
-            self.opened_at = now_iso()
+            self.opened_at = time.time()
             self.opened_by = client
             self.deadline = None
         log.info("window opened by %s", client)
@@ -1163,13 +1181,11 @@ class SyncWindow:
         return status, text
 
     def _record(self, phase, steps):
-        status, text = phase_answer(steps)
         with self.cond:
-            self.last[phase] = {"status": status, "reason": text, "at": now_iso(),
-                                "steps": [step.as_dict() for step in steps]}
+            self.last[phase] = (time.time(), steps)     # /status formats it
 
     def write_marker(self, client):
-        data = json.dumps({"pid": os.getpid(), "opened_at": now_iso(), "client": client})
+        data = json.dumps({"pid": os.getpid(), "opened_at": iso(), "client": client})
         try:
             fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -1466,7 +1482,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reply(200, json.dumps(state, indent=1), content_type="application/json")
 
     # Answering -----------------------------------------------------------------
-    def reply(self, status, text, headers=None, close=False, content_type="text/plain; charset=utf-8"):
+    def reply(self, status, text, headers=None, close=False,
+              content_type="text/plain; charset=utf-8"):
         body = (text + "\n").encode("utf-8")
         if close:
             self.close_connection = True
@@ -2123,6 +2140,10 @@ def check_tls(cfg):
     return True, "no certificate yet: one is generated at first start in %s" % cfg.state_dir
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_check(cfg):
     problems = []
 
@@ -2132,12 +2153,18 @@ def cmd_check(cfg):
         if not ok:
             problems.append(text)
 
+    def report_steps(steps):
+        for step in steps:
+            report(step.ok, "  %s: %s (%.3f s)" % (step.label, step.reason, step.duration))
+        if not steps:
+            print("     (nothing configured)")
+
     report(*check_tls(cfg))
     report(*check_port(cfg))
     if cfg.hooks_dir:
         hooks, skipped = list_hooks(cfg.hooks_dir)
-        report(True, "hooks dir %s: %d hook(s)%s" % (cfg.hooks_dir, len(hooks),
-               ": " + ", ".join(os.path.basename(h) for h in hooks) if hooks else ""))
+        names = ", ".join(os.path.basename(hook) for hook in hooks) or "none"
+        report(True, "hooks dir %s: %s" % (cfg.hooks_dir, names))
         for unsafe, reason in skipped:
             if unsafe:
                 report(False, "hook skipped: " + reason)
@@ -2146,23 +2173,14 @@ def cmd_check(cfg):
     if cfg.secret and cfg.secret_from_flag:
         report(False, "--secret on the command line is visible in ps: use --secret-file")
     phases = Phases(cfg)
-    steps = []
-    stop = lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, interrupt)
+    print("sync phase:")
     try:
-        print("sync phase:")
-        steps = phases.sync_phase("check", Canceller())
+        report_steps(phases.sync_phase("check", Canceller()))
     except KeyboardInterrupt:
         report(False, "interrupted during the sync phase")
-    finally:
-        for step in steps:
-            report(step.ok, "  %s: %s (%.3f s)" % (step.label, step.reason, step.duration))
-        print("post phase:")
-        post = phases.post_phase("check")
-        for step in post:
-            report(step.ok, "  %s: %s (%.3f s)" % (step.label, step.reason, step.duration))
-    if not steps and not post:
-        print("     (no command configured)")
+    print("post phase:")                   # owed whatever happened above
+    report_steps(phases.post_phase("check"))
     print("all good" if not problems else "%d problem(s)" % len(problems))
     return 0 if not problems else 1
 
@@ -2243,7 +2261,6 @@ def main(argv=None):
         return cmd_serve(cfg)
     except ConfigError as err:
         sys.stderr.write("%s: error: %s\n" % (PROG, err))
-        log.close()
         return 2
     finally:
         log.close()

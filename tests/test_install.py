@@ -368,3 +368,26 @@ def test_sysv_script_really_starts_reports_and_stops(tmp_path):
         assert not os.path.exists(path)
     assert not [f for d in ("rc0.d", "rc2.d", "rc3.d") if os.path.isdir("/etc/" + d)
                 for f in os.listdir("/etc/" + d) if "synchook" in f]
+
+
+@pytest.mark.parametrize("downloader", ["wget", "python3"])
+def test_download_without_curl(tmp_path, web, downloader):
+    """No curl: wget, else python3's urllib, fetches synchook.py."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = ["sed", "cat", "mkdir", "chmod", "mv", "rm", "tr", "cut", "dirname", "mktemp",
+             "head", "tail", "grep", "id", "cp", "ln", "sha256sum", "python3"]
+    if downloader == "wget":
+        if shutil.which("wget") is None:
+            pytest.skip("wget not installed")
+        tools.append("wget")
+    for tool in tools:
+        path = shutil.which(tool)
+        if path:
+            os.symlink(path, str(bin_dir / tool))
+    root = make_root(tmp_path, "dl")
+    out = run(["/usr/bin/dash", INSTALL, "--root", str(root), "--from", web + "/synchook.py",
+               "--init", "none"], env=clean_env({"PATH": str(bin_dir)}))
+    assert out.returncode == 0, out.stderr
+    assert (root / "usr/local/sbin/synchook").read_text().split("\n", 1)[1] == \
+        open(SYNCHOOK).read().split("\n", 1)[1]
