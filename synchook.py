@@ -1501,6 +1501,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self._headers_buffer.append(body)
         self.flush_headers()
+        if self.close_connection and self.connection is self.request:
+            self.connection.shutdown(socket.SHUT_WR)   # the client sees the end at once
         log.info("%s %s %s %d %.3fs", self.client_ip, self.command or "-",
                  escape(self.path.partition("?")[0], 200), status,
                  time.monotonic() - self.started)
