@@ -1,0 +1,25 @@
+"""bench/run works end to end (tiny counts; no timing is asserted)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_runs_and_prints_table_and_targets():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run"), "--idle", "1",
+                          "--requests", "20", "--leak-requests", "40", "--crowd", "30"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = [l for l in lines if l.startswith("figure")][0]
+    assert "synchook" in header
+    for figure in ("start (ms)", "idle memory (kB RSS)", "GET /sync http p50/p99",
+                   "GET /sync https p50/p99", "release p50/p99", "leak after 40 req",
+                   "crowd: /sync p50/p99"):
+        assert any(l.startswith(figure) for l in lines), figure
+    assert "targets (issue 6):" in lines
+    for peer in ("node (XO docs)", "webhook"):
+        assert peer in header or ("skipped: %s" % peer) in out.stdout
