@@ -75,6 +75,7 @@ MAX_HEAD = 32768                   # bytes in request line plus headers
 LOG_QUEUE = 2000                   # log lines waiting for the writer; more are dropped
 LOG_COALESCE = 0.01                # the writer gathers a burst of lines this long
 IDLE_WORKERS = 4                   # connection threads kept waiting for the next one
+RETRY_POST = 5.0                   # a post phase that raised is retried this much later
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
@@ -1101,11 +1102,15 @@ class SyncWindow:
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
             self._open(client)
-            steps = self.phases.sync_phase(client, self.cancel)
-            with self.cond:
-                self.syncing = False
-                self.deadline = time.monotonic() + self.max_hold
-                self.cond.notify_all()
+            self.window_answer = 500, "internal error"    # replaced unless sync_phase raises
+            try:
+                steps = self.phases.sync_phase(client, self.cancel)
+            finally:
+                # Whatever happened, the window is open: the max-hold clock runs.
+                with self.cond:
+                    self.syncing = False
+                    self.deadline = time.monotonic() + self.max_hold
+                    self.cond.notify_all()
             self.window_answer = phase_answer(steps)
             self._record("sync", steps)
             return self.window_answer
@@ -1168,7 +1173,16 @@ class SyncWindow:
         log.info("window opened by %s", client)
 
     def _close(self, client, why):
-        steps = self.phases.post_phase(client)
+        try:
+            steps = self.phases.post_phase(client)
+        except Exception as err:
+            # Still owed: the watchdog tries again shortly rather than never.
+            log.error("post phase (%s) failed unexpectedly: %r; retrying in %s s",
+                      why, err, seconds(RETRY_POST))
+            with self.cond:
+                self.deadline = time.monotonic() + RETRY_POST
+                self.cond.notify_all()
+            return 500, "internal error; the post phase will be retried"
         with self.cond:
             self.is_open = False
             self.deadline = None
@@ -1242,7 +1256,7 @@ class SyncWindow:
                     log.warning("no /post-sync within --max-hold %s s of the last /sync: "
                                 "running the post phase now", seconds(self.max_hold))
                     self._close("max-hold", "max-hold")
-                    self.released_by_watchdog = True
+                    self.released_by_watchdog = not self.is_open
             finally:
                 self._give_turn()
 
@@ -1412,6 +1426,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.server.set_state(self.request, "busy")
         self.started = time.monotonic()
+        # The answer may come a minute later; writing it gets its own timeout.
+        self.connection.settimeout(self.server.cfg.header_timeout)
         try:
             self.parse_head(head)
         except BadHead as err:
@@ -1681,7 +1697,11 @@ class SyncHookServer(ThreadingHTTPServer):
         ThreadingHTTPServer.shutdown_request(self, request)
 
     def handle_error(self, request, client_address):
-        log.debug("%s: handler error: %s", client_address[0], sys.exc_info()[1])
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):           # the client went away, mostly
+            log.debug("%s: connection error: %s", client_address[0], err)
+        else:
+            log.error("%s: internal error: %r", client_address[0], err)
 
     # TLS or not, told by the first byte ---------------------------------------
     def negotiate(self, sock, handler):

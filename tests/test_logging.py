@@ -83,6 +83,14 @@ def http(port, path):
     return response.status, response.read().decode()
 
 
+def wait_for_drops(port, timeout=10):
+    """The writer thread gets to the full socket shortly after the request."""
+    deadline = time.monotonic() + timeout
+    while json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0:
+        assert time.monotonic() < deadline, "no log line was dropped"
+        time.sleep(0.1)
+
+
 def port_from(messages):
     for message in messages:
         if "listening on" in message:
@@ -119,10 +127,7 @@ def test_syslog_full_socket_drops_and_counts(tmp_path):
         assert http(port, "/sync") == (200, "Ok\n")
         assert http(port, "/post-sync")[0] == 200
         assert time.monotonic() - began < 10
-        deadline = time.monotonic() + 10           # the writer gets there soon after
-        while json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0:
-            assert time.monotonic() < deadline, "no log line was dropped"
-            time.sleep(0.1)
+        wait_for_drops(port)
         receiver.settimeout(0.5)
         messages = []
         try:
@@ -156,10 +161,7 @@ def test_syslog_missing_socket_does_not_stop_service(tmp_path):
         if port is None:
             pytest.skip("cannot find the port without ss")
         assert http(port, "/sync") == (200, "Ok\n")
-        deadline = time.monotonic() + 10
-        while json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0:
-            assert time.monotonic() < deadline, "no log line was dropped"
-            time.sleep(0.1)
+        wait_for_drops(port)
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
