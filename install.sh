@@ -596,9 +596,11 @@ summary() {
     else
         summary_tag="xo:notify-on-snapshot=https://<VM address>:$summary_port/"
     fi
+    summary_what="installed"
+    [ "$DRY_RUN" = 1 ] && summary_what="would be installed (dry run: nothing changed)"
     cat <<EOF
 
-synchook installed ($VERSION)
+synchook $summary_what ($VERSION)
   program:  $PROGRAM (Python: $PYTHON)
   config:   $ROOT$CONFIG_FILE (mode 0600; change it, then restart the service)
   service:  $INIT${ROOT:+ (in $ROOT, not started)}
@@ -693,7 +695,9 @@ main() {
     install_config
     install_service
     after=$(fingerprint)
-    if [ "$NO_START" != 1 ] && [ "$DRY_RUN" != 1 ] && [ "$INIT" != none ]; then
+    if [ "$NO_START" != 1 ] && [ "$DRY_RUN" = 1 ] && [ "$INIT" != none ]; then
+        start_service                      # prints what it would run
+    elif [ "$NO_START" != 1 ] && [ "$INIT" != none ]; then
         if [ "$before" != "$after" ] || ! check_listening_quietly; then
             start_service
         else
