@@ -646,6 +646,7 @@ uninstall() {
             run chkconfig --del synchook
         fi
         stop_rc_local
+        [ -f /run/synchook.pid ] && run rm -f /run/synchook.pid
     fi
     for uninstall_file in "$ROOT/etc/systemd/system/$SERVICE.service" \
             "$ROOT/etc/systemd/system/multi-user.target.wants/$SERVICE.service" \

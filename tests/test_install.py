@@ -391,3 +391,53 @@ def test_download_without_curl(tmp_path, web, downloader):
     assert out.returncode == 0, out.stderr
     assert (root / "usr/local/sbin/synchook").read_text().split("\n", 1)[1] == \
         open(SYNCHOOK).read().split("\n", 1)[1]
+
+
+def test_rc_local_really_starts_at_boot_and_uninstalls(tmp_path):
+    """A real rc.local install: the block starts the daemon when rc.local runs."""
+    if os.geteuid() != 0:
+        pytest.skip("a real install needs root")
+    for path in ("/etc/synchook.conf", "/etc/rc.local", "/run/synchook.pid",
+                 "/etc/init.d/synchook"):
+        if os.path.exists(path):
+            pytest.skip("%s exists: not touching a real installation" % path)
+    port = free_port()
+    prefix = tmp_path / "prefix"
+    import http.client
+
+    def answers():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/status")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    try:
+        out = install(["busybox", "sh"] if shutil.which("busybox") else ["dash"],
+                      "--init", "rc.local", "--prefix", str(prefix), "--port", str(port),
+                      "--listen", "127.0.0.1", "--sync", "true", "--runtime-dir",
+                      str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"))
+        assert out.returncode == 0, out.stderr
+        assert "synchook is listening on port %d" % port in out.stderr
+        assert answers()
+        os.kill(int(open("/run/synchook.pid").read()), 15)       # as at shutdown
+        deadline = time.monotonic() + 10
+        while answers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not answers()
+        boot = subprocess.run(["sh", "/etc/rc.local"], timeout=30)  # as at boot
+        assert boot.returncode == 0
+        deadline = time.monotonic() + 15
+        while not answers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answers(), "rc.local did not start synchook"
+    finally:
+        out = install(["dash"], "--purge")
+    assert out.returncode == 0, out.stderr
+    assert not answers()
+    for path in ("/etc/synchook.conf", "/etc/rc.local", "/run/synchook.pid",
+                 str(prefix / "sbin/synchook")):
+        assert not os.path.exists(path), path
