@@ -1726,8 +1726,7 @@ class SyncHookServer(ThreadingHTTPServer):
             if conn is not None:
                 conn.sock = tls              # so eviction can still reach it
         try:
-            tls.settimeout(max(0.001, handler.deadline - time.monotonic()))
-            tls.do_handshake()
+            handshake(tls, handler.deadline)
         except (OSError, ValueError) as err:
             log.info("%s: TLS handshake failed: %s", handler.client_ip, err)
             tls.close()
@@ -1762,6 +1761,26 @@ class SyncHookServer(ThreadingHTTPServer):
                 good = hmac.compare_digest(digest, self.secret_digest) or good
                 break
         return good
+
+
+def handshake(tls, deadline):
+    """TLS handshake that ends at deadline, however slowly the client dribbles
+    (a socket timeout would restart at every byte)."""
+    tls.setblocking(False)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("TLS handshake not complete in time")
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                select.select([tls], [], [], left)
+            except ssl.SSLWantWriteError:
+                select.select([], [tls], [], left)
+    finally:
+        tls.setblocking(True)
 
 
 def open_server(cfg, window, tls_context):

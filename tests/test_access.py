@@ -189,3 +189,37 @@ def test_connections_busy_with_real_requests_are_not_evicted(start, rec):
         sock.close()
     assert results == [(200, "Ok")] * 3
     d.wait_log(r"connection limit: dropped the oldest idle connection|connections busy")
+
+
+def client_hello():
+    """The first flight of a real TLS client, made in memory."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def test_slow_tls_handshake_dropped_after_header_timeout(start, rec):
+    d = start("--header-timeout", "1", "--sync", rec.cmd("sync"))
+    hello = client_hello()
+    sock = socket.create_connection(("127.0.0.1", d.port))
+    began = time.monotonic()
+    closed_after = None
+    try:
+        for i in range(len(hello)):
+            sock.send(hello[i:i + 1])
+            time.sleep(0.2)
+            if i > 40:
+                break
+        sock.settimeout(10)
+        while sock.recv(65536):
+            pass
+        closed_after = time.monotonic() - began
+    except OSError:
+        closed_after = time.monotonic() - began
+    sock.close()
+    assert closed_after is not None and closed_after < 4
+    assert d.get("/sync", tls=True) == (200, "Ok")
