@@ -2260,8 +2260,15 @@ def cmd_serve(cfg):
         log.info("%s received: shutting down", signal.Signals(signum).name)
         server.wake()
 
+    def on_hangup(signum, frame):
+        # The default action would kill us without the post phase (an init
+        # script started from a terminal that then closed); there is nothing
+        # to reload, so carry on.
+        log.info("SIGHUP received: ignored (restart synchook to change its settings)")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     host, port = server.server_address[:2]
     scheme = {"auto": "https+http", "on": "https", "off": "http"}[
         cfg.tls if context is not None else "off"]

@@ -187,3 +187,13 @@ def test_idle_server_makes_no_wakeups(start):
     time.sleep(3)
     assert switches() - before <= 2
     run(["true"])
+
+
+def test_sighup_does_not_kill_an_open_window(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/sync") == (200, "Ok")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"SIGHUP received: ignored")
+    assert d.proc.poll() is None
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]
