@@ -442,12 +442,19 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_serve_parser(prog):
+SERVE_DESCRIPTION = """\
+Answer Xen Orchestra's VM sync hook: run a command before a snapshot and
+another after it, and never leave the guest frozen."""
+CHECK_DESCRIPTION = """\
+Check the configuration the daemon would use (certificate, port, hooks), then
+run the sync phase and the post phase once, locally, as the daemon would, and
+report each step. Exit 0 only when all is well."""
+
+
+def build_serve_parser(prog, description=SERVE_DESCRIPTION):
     parser = OneLineParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Answer Xen Orchestra's VM sync hook: run a command before a "
-                    "snapshot and another after it, and never leave the guest frozen.",
-        epilog=SERVE_EPILOG, allow_abbrev=False)
+        description=description, epilog=SERVE_EPILOG, allow_abbrev=False)
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for opt in OPTIONS:
@@ -2095,7 +2102,8 @@ def cmd_call(argv):
                "a URL keeps its scheme, host, port and query, its path is replaced.\n"
                "Exit 0 when both answers are 2xx, 1 otherwise, 2 on bad usage.",
         allow_abbrev=False)
-    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("target", metavar="TARGET",
+                        help="the guest's address, or the URL of an xo:notify-on-snapshot tag")
     parser.add_argument("--secret", metavar="S", help="sent as Authorization: Bearer base64(S)")
     parser.add_argument("--secret-file", metavar="PATH", help="read the secret from a file")
     parser.add_argument("--timeout", metavar="SEC", default=str(XO_TIMEOUT),
@@ -2299,7 +2307,8 @@ def main(argv=None):
     if command == "call":
         return cmd_call(argv)
     prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
-    args = build_serve_parser(prog).parse_args(argv)
+    description = CHECK_DESCRIPTION if command == "check" else SERVE_DESCRIPTION
+    args = build_serve_parser(prog, description).parse_args(argv)
     try:
         cfg = resolve_config(args)
         log.start(cfg.log_level, cfg.syslog)
