@@ -225,3 +225,13 @@ def test_slow_tls_handshake_dropped_after_header_timeout(start, rec):
     sock.close()
     assert closed_after is not None and closed_after < 4
     assert d.get("/sync", tls=True) == (200, "Ok")
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_default_listen_is_dual_stack(start, rec):
+    d = start("--listen", "", "--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    d.wait_log(r"listening on \[::\] port")
+    assert d.get("/sync", host="127.0.0.1") == (200, "Ok")
+    assert d.get("/post-sync", host="::1", tls=True) == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]
+    d.wait_log(r"127\.0\.0\.1 GET /sync 200")         # mapped address logged as IPv4
