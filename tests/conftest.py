@@ -66,7 +66,9 @@ class Daemon:
         self.log_path = str(tmp_path / ("daemon-%d.log" % time.monotonic_ns()))
         self.runtime = str(tmp_path / "run")
         self.args = list(args)
-        cmd = list(command or [python or sys.executable, SYNCHOOK])
+        # SYNCHOOK_TEST_PYTHON runs every daemon of the suite under another interpreter.
+        python = python or os.environ.get("SYNCHOOK_TEST_PYTHON") or sys.executable
+        cmd = list(command or [python, SYNCHOOK])
         if "--port" not in self.args and "SYNCHOOK_PORT" not in (env or {}):
             cmd += ["--port", "0"]
         if "--runtime-dir" not in self.args:
