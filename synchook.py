@@ -1575,7 +1575,6 @@ class Connection:
 
 
 class SyncHookServer(ThreadingHTTPServer):
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024         # a burst of connections must not overflow the backlog
 

@@ -1,7 +1,9 @@
 """Where logs go: syslog (never blocking), and systemd readiness."""
 
+import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -10,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, run
+from conftest import SYNCHOOK, free_port, run
 
 
 def test_notify_socket_gets_ready(start, tmp_path):
@@ -53,13 +55,32 @@ def in_private_dev(tmp_path, with_log):
     return dev, receiver
 
 
-def start_in_namespace(tmp_path, dev, *args):
+@contextlib.contextmanager
+def daemon_in_namespace(tmp_path, with_log, sync):
+    """synchook --syslog in its own mount namespace: yields (port, receiver or None)."""
+    dev, receiver = in_private_dev(tmp_path, with_log)
+    port = free_port()
     log = open(str(tmp_path / "stderr"), "wb")
-    cmd = ("mount --bind %s /dev && exec %s %s --syslog --listen 127.0.0.1 --port 0 "
-           "--tls off --runtime-dir %s %s" % (dev, sys.executable, SYNCHOOK, tmp_path / "run",
-                                              " ".join(args)))
+    cmd = ("mount --bind %s /dev && exec %s %s --syslog --listen 127.0.0.1 --port %d "
+           "--tls off --runtime-dir %s --sync %s" % (dev, sys.executable, SYNCHOOK, port,
+                                                     tmp_path / "run", shlex.quote(sync)))
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], stdout=log, stderr=log)
-    return proc
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "did not start"
+                time.sleep(0.05)
+        yield port, receiver
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+        log.close()
+        if receiver is not None:
+            receiver.close()
 
 
 def read_datagrams(sock, until, timeout=15):
@@ -91,37 +112,20 @@ def wait_for_drops(port, timeout=10):
         time.sleep(0.1)
 
 
-def port_from(messages):
-    for message in messages:
-        if "listening on" in message:
-            return int(message.split(" port ")[1].split()[0])
-    raise AssertionError("no listening line in %r" % messages)
-
-
 def test_syslog_messages_arrive_with_priority(tmp_path):
-    dev, receiver = in_private_dev(tmp_path, with_log=True)
-    proc = start_in_namespace(tmp_path, dev, "--sync", "'exit 3'")
-    try:
+    with daemon_in_namespace(tmp_path, True, "exit 3") as (port, receiver):
         messages = read_datagrams(receiver, "listening on")
-        port = port_from(messages)
         assert http(port, "/sync")[0] == 500
         messages += read_datagrams(receiver, "GET /sync 500")
         assert any(m.startswith("<28>") and "synchook[" in m and "command failed (exit 3)" in m
                    for m in messages), messages          # daemon.warning = 3*8+4
         assert any(m.startswith("<30>") and "listening on" in m for m in messages)  # info
         assert open(str(tmp_path / "stderr")).read() == ""    # nothing on stderr
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        receiver.close()
 
 
 def test_syslog_full_socket_drops_and_counts(tmp_path):
-    dev, receiver = in_private_dev(tmp_path, with_log=True)
-    proc = start_in_namespace(tmp_path, dev, "--sync", "'seq 1 3000'")
-    try:
-        messages = read_datagrams(receiver, "listening on")
-        port = port_from(messages)
+    with daemon_in_namespace(tmp_path, True, "seq 1 3000") as (port, receiver):
+        read_datagrams(receiver, "listening on")
         # Nobody reads /dev/log now: the socket fills and the daemon must not block.
         began = time.monotonic()
         assert http(port, "/sync") == (200, "Ok\n")
@@ -139,29 +143,9 @@ def test_syslog_full_socket_drops_and_counts(tmp_path):
             http(port, "/status")                # the next line carries the report
             messages += read_datagrams(receiver, "log lines dropped")
         assert any("log lines dropped" in m for m in messages), messages[-5:]
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        receiver.close()
 
 
 def test_syslog_missing_socket_does_not_stop_service(tmp_path):
-    dev, _ = in_private_dev(tmp_path, with_log=False)
-    proc = start_in_namespace(tmp_path, dev, "--sync", "true", "--port", "0")
-    try:
-        # No log line can tell the port: find it from the process's listening socket.
-        port = None
-        deadline = time.monotonic() + 20
-        while port is None and time.monotonic() < deadline:
-            out = run(["ss", "-Hltnp"]).stdout if shutil.which("ss") else ""
-            for line in out.splitlines():
-                if "pid=%d," % proc.pid in line or "python" in line and str(proc.pid) in line:
-                    port = int(line.split()[3].rsplit(":", 1)[1])
-            time.sleep(0.1)
-        if port is None:
-            pytest.skip("cannot find the port without ss")
+    with daemon_in_namespace(tmp_path, False, "true") as (port, _):
         assert http(port, "/sync") == (200, "Ok\n")
         wait_for_drops(port)
-    finally:
-        proc.terminate()
-        assert proc.wait(20) == 0
