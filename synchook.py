@@ -34,6 +34,7 @@ import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import secrets  # noqa: E402
 import select  # noqa: E402
 import selectors  # noqa: E402
@@ -75,12 +76,20 @@ MAX_HEAD = 32768                   # bytes in request line plus headers
 LOG_QUEUE = 2000                   # log lines waiting for the writer; more are dropped
 LOG_COALESCE = 0.01                # the writer gathers a burst of lines this long
 IDLE_WORKERS = 4                   # connection threads kept waiting for the next one
-RETRY_POST = 5.0                   # a post phase that raised is retried this much later
+POST_RETRIES = (1.0, 2.0, 5.0, 10.0)   # waits between tries of a post phase that could
+                                   # not start; the last one repeats until it starts
+SHUTDOWN_RETRY = 10.0              # at exit, how long an owed post phase is still tried
+RECOVER_WAIT = 5.0                 # at start, how long a leftover group may take to die
+FD_RESERVE = 24                    # descriptors kept for the post phase, never for clients
+ACCEPT_PAUSE = 0.25                # out of descriptors: accept nothing for this long
+MAX_REQUESTS = 100                 # requests on one connection; then it is closed
+SHELL = "/bin/sh"
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
 MARKER_FILE = "window.json"        # inside --runtime-dir while a window is open
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 HOOK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 HOOK_LEFTOVER = re.compile(
     r"\.(dpkg-[a-z]+|ucf-[a-z]+|rpmnew|rpmsave|rpmorig|orig|bak|swp|tmp|disabled)$")
@@ -138,6 +147,7 @@ class Log:
         self.closing = False
         self.dropped = 0
         self.reported_dropped = 0
+        self.failures = 0
         self.sink = StderrSink()
         self.thread = None
 
@@ -176,6 +186,17 @@ class Log:
             self.wake.release()
 
     def _write_loop(self):
+        # Nothing may end this thread: a log that stops is worse than a lost line.
+        while True:
+            try:
+                if self._write_once():
+                    return
+            except Exception:              # noqa: BLE001 (counted in /status, carried on)
+                self.failures += 1
+                time.sleep(LOG_COALESCE)   # a fault that repeats must not spin
+
+    def _write_once(self):
+        """Write what is pending, or sleep until there is some; True when closed."""
         while True:
             batch = []
             while self.pending:
@@ -186,11 +207,14 @@ class Log:
                                                       "was blocked)" % lost)]):
                     self.reported_dropped += lost
             if batch:
-                written = self.sink.write(batch)
-                self.dropped += len(batch) - written
+                written = 0
+                try:
+                    written = self.sink.write(batch)
+                finally:
+                    self.dropped += len(batch) - written
                 continue
             if self.closing:
-                return
+                return True
             self.sleeping = True
             if not self.pending and not self.closing:   # re-check after raising the flag
                 self.wake.acquire()
@@ -397,7 +421,8 @@ OPTIONS = [
            "SEC", "access", "time a client has to complete the TLS handshake and request head"),
     Option("max_connections", "--max-connections", "SYNCHOOK_MAX_CONNECTIONS", "256",
            parse_count, "N", "access",
-           "connections served at once; beyond it the oldest idle one is dropped"),
+           "connections served at once; beyond it the oldest one not waiting on a command "
+           "is dropped (lowered to fit the descriptor limit)"),
     Option("runtime_dir", "--runtime-dir", "SYNCHOOK_RUNTIME_DIR", None, parse_text, "DIR",
            "files", "runtime state, on tmpfs (default /run/synchook as root)"),
     Option("state_dir", "--state-dir", "SYNCHOOK_STATE_DIR", "/var/lib/synchook", parse_text,
@@ -471,11 +496,43 @@ def build_serve_parser(prog, description=SERVE_DESCRIPTION):
     return parser
 
 
+def open_regular(path, nofollow=False):
+    """A read descriptor for path, which must be a regular file.
+
+    Opened non-blocking: a FIFO or device planted where a file is expected
+    must not hang the start while a post phase is owed.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags | (os.O_NOFOLLOW if nofollow else 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path, limit):
+    """Up to limit bytes of a regular file (see open_regular)."""
+    fd = open_regular(path)
+    try:
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_config_file(path):
     """Parse SYNCHOOK_NAME=value words with sh quoting; nothing is executed."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(1 << 20)
+        text = read_regular(path, 1 << 20).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err
         raise ConfigError("--config %s: cannot read: %s" % (path, reason))
@@ -548,8 +605,7 @@ def resolve_config(args, environ=None):
 def read_secret_file(path):
     """The secret in a file, one trailing newline stripped; ConfigError if unusable."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(4096)
+        data = read_regular(path, 4096)
     except OSError as err:
         raise ConfigError("--secret-file %s: %s" % (path, err.strerror))
     if data.endswith(b"\r\n"):
@@ -587,43 +643,60 @@ def finish_config(cfg):
 # Running commands: own process group, bounded time, bounded output
 # ---------------------------------------------------------------------------
 
-class Canceller:
-    """An event that can also wake a select(): /post-sync cuts a sync command short."""
+class WakePipe:
+    """A non-blocking pipe that wakes whoever polls its read end: poke() is
+    safe from any thread and from a signal handler; drain() re-arms it."""
 
     def __init__(self):
-        self.rfd, self.wfd = os.pipe()
-        os.set_blocking(self.rfd, False)
-        os.set_blocking(self.wfd, False)
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def poke(self):
+        try:
+            os.write(self.write_fd, b"\0")
+        except OSError:                 # full: whoever polls is awake already
+            pass
+
+    def drain(self):
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except OSError:
+            pass
+
+    def fileno(self):
+        return self.read_fd
+
+
+class Canceller(WakePipe):
+    """An event that also wakes a poll(): /post-sync cuts a sync command short."""
+
+    def __init__(self):
+        WakePipe.__init__(self)
         self.flag = False
 
     def set(self):
         self.flag = True
-        try:
-            os.write(self.wfd, b"x")
-        except BlockingIOError:
-            pass
+        self.poke()
 
     def clear(self):
         self.flag = False
-        try:
-            while os.read(self.rfd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.drain()
 
     def is_set(self):
         return self.flag
 
-    def fileno(self):
-        return self.rfd
-
 
 class Result:
-    """What one step (command, hook or hold) did."""
+    """What one step (command, hook or hold) did.  `started` is False when the
+    step could not even begin (no descriptor, no fork): a post step that did
+    not start is still owed."""
 
-    def __init__(self, label, ok, reason, code=None, duration=0.0):
+    def __init__(self, label, ok, reason, code=None, duration=0.0, started=True):
         self.label, self.ok, self.reason, self.code = label, ok, reason, code
         self.duration = duration
+        self.started = started
         self.at = time.time()
 
     def as_dict(self):
@@ -719,21 +792,65 @@ def describe_exit(code):
     return "command failed (exit %s)" % code
 
 
-def spawn(argv, env, label, stdin=subprocess.DEVNULL):
-    """Popen in a new session (own process group), output on one pipe."""
-    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, cwd="/",
-                            start_new_session=True, close_fds=True)
+class CannotStart(Exception):
+    """A command could not be started for want of a resource (a descriptor, a
+    process, /dev/null), not because of the command: worth trying again."""
 
 
-def spawn_error(err):
-    if err.errno == errno.ENOENT:
-        return "command not found"
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return "command not executable"
-    if err.errno == errno.ENOEXEC:
-        return "command not executable (exec format error)"
-    return "cannot start command: %s" % err.strerror
+# exec() errors that are the command's own fault: trying again will not help.
+EXEC_ERRORS = {
+    errno.ENOENT: "command not found",
+    errno.ENOTDIR: "command not found",
+    errno.EACCES: "command not executable",
+    errno.EPERM: "command not executable",
+    errno.ENOEXEC: "command not executable (exec format error)",
+    errno.ELOOP: "command not executable (too many symbolic links)",
+    errno.ENAMETOOLONG: "command not found (name too long)",
+    errno.E2BIG: "command not started (arguments and environment too large)",
+}
+
+
+def spawn(argv, env, hold=False):
+    """Start argv in a new session (its own process group) with stdout and
+    stderr on one pipe; returns (proc, read end of that pipe).
+
+    Each resource is taken here, one at a time, so that a failure names its
+    real cause: CannotStart for a missing /dev/null, no descriptor or no fork;
+    OSError (errno in EXEC_ERRORS) when exec() refused argv[0] itself.  With
+    hold=True, stdin is a pipe (proc.stdin) instead of /dev/null.
+    """
+    null = read_end = write_end = None
+    try:
+        if not hold:
+            try:
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise CannotStart("cannot open %s: %s" % (os.devnull, err.strerror))
+        try:
+            read_end, write_end = os.pipe()
+        except OSError as err:
+            raise CannotStart("cannot create a pipe: %s" % err.strerror)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if hold else null,
+                                    stdout=write_end, stderr=write_end, env=env, cwd="/",
+                                    start_new_session=True, close_fds=True)
+        except OSError as err:
+            if err.errno in EXEC_ERRORS and argv[0] != SHELL:
+                raise
+            if err.errno in EXEC_ERRORS:
+                raise CannotStart("cannot run %s: %s" % (SHELL, err.strerror))
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                raise CannotStart("cannot create a pipe: %s" % err.strerror)
+            raise CannotStart("fork: %s" % err.strerror)
+    except BaseException:
+        if read_end is not None:
+            os.close(read_end)
+        raise
+    finally:
+        for fd in (null, write_end):
+            if fd is not None:
+                os.close(fd)
+    return proc, read_end
 
 
 def open_pidfd(pid):
@@ -747,13 +864,32 @@ def open_pidfd(pid):
         return None
 
 
-def follow(proc, deadline, cancel, output, label):
-    """Log proc's output until it exits; returns None, "timeout" or "cancel".
+def wait_ready(readers, timeout, writers=()):
+    """The descriptors (or objects with fileno()) among readers and writers that
+    are ready within timeout seconds, as a set of ints.
+
+    poll(), never select(): a busy server has descriptors above 1024, which
+    select() cannot watch, and poll() needs no descriptor of its own.
+    """
+    poller = select.poll()
+    for obj in readers:
+        poller.register(obj, select.POLLIN)
+    for obj in writers:
+        poller.register(obj, select.POLLOUT)
+    millis = int(max(0.0, timeout) * 1000 + 0.999)
+    try:
+        return {fd for fd, _ in poller.poll(millis)}
+    except InterruptedError:         # a signal: the caller's loop looks again
+        return set()
+
+
+def follow(proc, fd, deadline, cancel, output, label):
+    """Log proc's output (read from fd) until it exits; returns None, "timeout"
+    or "cancel".
 
     Once the child has exited, its output is drained for DRAIN_GRACE at most:
     a grandchild that inherited stdout must not hold the request.
     """
-    fd = proc.stdout.fileno()
     pidfd = open_pidfd(proc.pid)
     eof = False
     exited_at = None
@@ -783,8 +919,7 @@ def follow(proc, deadline, cancel, output, label):
                 wait, delay = min(wait, delay), min(delay * 2, POLL)
             else:
                 wait = min(wait, POLL)
-            ready = select.select(watched, [], [], max(wait, 0))[0]
-            if fd in ready:
+            if fd in wait_ready(watched, wait) and not eof:
                 chunk = os.read(fd, 65536)
                 if chunk:
                     output.feed(chunk)
@@ -795,29 +930,36 @@ def follow(proc, deadline, cancel, output, label):
             os.close(pidfd)
 
 
-def run_command(argv, label, env, timeout, cancel=None):
+def run_command(argv, label, env, timeout, cancel=None, on_start=None):
     """Run argv to completion, logging its output; return a Result.
 
     Ends the whole process group on timeout or cancel.  A grandchild that
     keeps stdout open does not hold us up once the child itself has exited.
+    on_start(proc) is called as soon as the process exists (the window records
+    its process group in the marker).
     """
     started = time.monotonic()
     log.info("%s: started", label)
     try:
-        proc = spawn(argv, env, label)
+        proc, fd = spawn(argv, env)
+    except CannotStart as err:
+        log.error("%s: not started: %s", label, err)
+        return Result(label, False, str(err), None, time.monotonic() - started, started=False)
     except OSError as err:
-        reason = spawn_error(err)
-        log.warning("%s: %s", label, reason)
+        reason = EXEC_ERRORS[err.errno]
+        log.warning("%s: %s: %s", label, reason, argv[0])
         return Result(label, False, reason, None, time.monotonic() - started)
     output = OutputLogger(label)
     try:
-        ended = follow(proc, started + timeout, cancel, output, label)
+        if on_start is not None:
+            on_start(proc)
+        ended = follow(proc, fd, started + timeout, cancel, output, label)
     except BaseException:
         end_process_group(proc, label)
         raise
     finally:
         output.close()
-        proc.stdout.close()
+        os.close(fd)
     if ended:
         end_process_group(proc, label)
     duration = time.monotonic() - started
@@ -848,18 +990,21 @@ class Hold:
     def __init__(self, command):
         self.command = command
         self.proc = None
+        self.fd = None                 # read end of its output
         self.reader = None
 
-    def start(self, env, timeout, cancel):
+    def start(self, env, timeout, cancel, on_start=None):
         label = "hold"
         started = time.monotonic()
         log.info("hold: started")
         try:
-            self.proc = spawn(["/bin/sh", "-c", self.command], env, label, stdin=subprocess.PIPE)
-        except OSError as err:
-            return Result(label, False, spawn_error(err), None, 0.0)
+            self.proc, self.fd = spawn([SHELL, "-c", self.command], env, hold=True)
+        except CannotStart as err:
+            log.error("hold: not started: %s", err)
+            return Result(label, False, str(err), None, 0.0, started=False)
+        if on_start is not None:
+            on_start(self.proc)
         output = OutputLogger(label)
-        fd = self.proc.stdout.fileno()
         deadline = started + timeout
         buffered = b""
         failure = None
@@ -871,9 +1016,8 @@ class Hold:
                 failure = "hold command not ready after %s s" % seconds(timeout)
             if failure:
                 break
-            ready = select.select([fd, cancel], [], [], min(remaining, POLL))[0]
-            if fd in ready:
-                chunk = os.read(fd, 65536)
+            if self.fd in wait_ready([self.fd, cancel], min(remaining, POLL)):
+                chunk = os.read(self.fd, 65536)
                 if not chunk:
                     try:
                         self.proc.wait(KILL_WAIT)
@@ -891,21 +1035,29 @@ class Hold:
             self.end()
             return Result(label, False, failure, None, duration)
         log.info("hold: ready in %.3f s", duration)
-        self.reader = threading.Thread(target=self._drain, args=(output,), name="hold-output",
-                                       daemon=True)
+        self.reader = threading.Thread(target=self._drain, args=(self.fd, output),
+                                       name="hold-output", daemon=True)
         self.reader.start()
         return Result(label, True, "ok", None, duration)
 
-    def _drain(self, output):
+    @staticmethod
+    def _drain(fd, output):
+        """Log the hold's output until its end; the descriptor is this thread's
+        to close (a grandchild may keep the pipe open after the hold ended)."""
         try:
-            for chunk in iter(lambda: os.read(self.proc.stdout.fileno(), 65536), b""):
+            for chunk in iter(lambda: os.read(fd, 65536), b""):
                 output.feed(chunk)
         except OSError:
             pass
+        finally:
+            os.close(fd)
         output.close()
 
     def end(self):
-        """Close stdin, wait briefly, then end the group.  Returns a Result or None."""
+        """Close stdin, wait briefly, then end the group.  Returns a Result or None.
+
+        Needs no new descriptor and no fork: releasing a hold always starts.
+        """
         proc, self.proc = self.proc, None
         if proc is None:
             return None
@@ -921,13 +1073,11 @@ class Hold:
             log.warning("hold: still running %s s after its stdin closed; ending it",
                         seconds(HOLD_GRACE))
         end_process_group(proc, "hold")
-        if self.reader is not None:
-            self.reader.join(1.0)
-            self.reader = None
-        try:
-            proc.stdout.close()
-        except OSError:
-            pass
+        reader, fd, self.reader, self.fd = self.reader, self.fd, None, None
+        if reader is not None:
+            reader.join(1.0)
+        elif fd is not None:
+            os.close(fd)
         duration = time.monotonic() - started
         if early is not None:
             reason = "hold command had ended during the window (%s)" % describe_exit(early)
@@ -1003,36 +1153,63 @@ class Phases:
             (log.warning if unsafe else log.debug)("hooks dir: %s", reason)
         return hooks
 
-    def sync_phase(self, client, cancel):
+    def sync_phase(self, client, cancel, on_start=None):
         env = self.env("sync", client)
         steps = []
         if self.hold is not None:
-            steps.append(self.hold.start(env, self.cfg.timeout, cancel))
+            steps.append(self.hold.start(env, self.cfg.timeout, cancel, on_start))
         for path in ([] if steps and not steps[-1].ok else self.hooks()):
             steps.append(run_command([path, "sync"], "sync hook %s" % os.path.basename(path),
-                                     env, self.cfg.timeout, cancel))
+                                     env, self.cfg.timeout, cancel, on_start))
             if not steps[-1].ok:
                 break
         if self.cfg.sync and all(step.ok for step in steps):
-            steps.append(run_command(["/bin/sh", "-c", self.cfg.sync], "sync", env,
-                                     self.cfg.timeout, cancel))
+            steps.append(run_command([SHELL, "-c", self.cfg.sync], "sync", env,
+                                     self.cfg.timeout, cancel, on_start))
         return steps
 
-    def post_phase(self, client):
-        env = self.env("post-sync", client)
-        steps = []
+    def post_plan(self):
+        """The post phase's steps as (label, argv); argv None is the hold's end.
+
+        Fixed when a window's post phase first starts, so that a retry runs
+        exactly the steps that could not start, in the same order.
+        """
+        plan = []
         if self.cfg.post_sync:
-            steps.append(run_command(["/bin/sh", "-c", self.cfg.post_sync], "post-sync", env,
-                                     self.cfg.timeout))
+            plan.append(("post-sync", [SHELL, "-c", self.cfg.post_sync]))
         for path in reversed(self.hooks()):
-            steps.append(run_command([path, "post-sync"],
-                                     "post-sync hook %s" % os.path.basename(path), env,
-                                     self.cfg.timeout))
+            plan.append(("post-sync hook %s" % os.path.basename(path), [path, "post-sync"]))
         if self.hold is not None:
-            ended = self.hold.end()
-            if ended is not None:
-                steps.append(ended)
-        return steps
+            plan.append(("hold", None))
+        return plan
+
+    def run_post_steps(self, plan, client, on_start=None):
+        """Run plan's steps in order until one cannot start.
+
+        Returns (results, rest): rest is what is still owed, beginning with
+        the step that could not start ([] when every step started).
+        """
+        env = self.env("post-sync", client)
+        results = []
+        for index, (label, argv) in enumerate(plan):
+            try:
+                if argv is None:
+                    result = self.hold.end()
+                else:
+                    result = run_command(argv, label, env, self.cfg.timeout, None, on_start)
+            except Exception as err:       # noqa: BLE001 (a bug must not cost the thaw)
+                log.error("%s: internal error: %r", label, err)
+                result = Result(label, False, "internal error: %r" % (err,), started=False)
+            if result is None:
+                continue
+            results.append(result)
+            if not result.started:
+                return results, plan[index:]
+        return results, []
+
+    def post_phase(self, client):
+        """The whole post phase once, for `check` and a /post-sync with no window."""
+        return self.run_post_steps(self.post_plan(), client)
 
 
 def phase_answer(steps):
@@ -1054,14 +1231,16 @@ class SyncWindow:
 
     Requests take turns in arrival order (a fair lock), except a /post-sync
     that arrives while the sync phase runs: it cancels that phase and goes
-    first.  A watchdog closes a window left open for --max-hold seconds, and a
-    marker file in the runtime dir lets the next start close a window this
-    process could not.
+    first.  A watchdog closes a window left open for --max-hold seconds, and
+    retries a post phase that could not start.  A marker file in the runtime
+    dir (the window's client, its process groups, the post steps done) lets
+    the next start close a window this process could not.
     """
 
     def __init__(self, phases, max_hold, runtime_dir):
         self.phases = phases
         self.max_hold = max_hold
+        self.runtime_dir = runtime_dir
         self.marker = os.path.join(runtime_dir, MARKER_FILE)
         self.cond = threading.Condition()
         self.waiting = collections.deque()
@@ -1072,9 +1251,16 @@ class SyncWindow:
         self.stopped = False
         self.released_by_watchdog = False
         self.opened_at = None          # wall clock, for /status
+        self.opened_mono = None        # monotonic, for the window's ceiling
         self.opened_by = None
         self.deadline = None           # monotonic; set once the sync phase ended
         self.window_answer = None      # what this window's /sync answered
+        self.groups = []               # process groups started for this window
+        self.post_rest = None          # post steps still owed, once the post phase began
+        self.post_results = []         # results of the post steps that ran
+        self.post_done = []            # their labels, kept in the marker
+        self.owed = None               # why the rest of the post phase could not start
+        self.tries = 0
         self.last = {"sync": None, "post-sync": None}
         self.watchdog = threading.Thread(target=self._watch, name="max-hold", daemon=True)
 
@@ -1102,16 +1288,22 @@ class SyncWindow:
         try:
             if self.stopped:
                 return 503, "shutting down"
+            if self.owed is not None:
+                log.warning("/sync refused: the last window's post phase is still owed")
+                return 503, "the last window's post phase could not start yet: " + self.owed
             if self.is_open:
                 with self.cond:
-                    self.deadline = time.monotonic() + self.max_hold
+                    # XO's checkpoint fallback repeats /sync once; a hard ceiling
+                    # keeps anyone else from holding the guest frozen for ever.
+                    self.deadline = min(time.monotonic() + self.max_hold,
+                                        self.opened_mono + 2 * self.max_hold)
                     self.cond.notify_all()
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
             self._open(client)
             self.window_answer = 500, "internal error"    # replaced unless sync_phase raises
             try:
-                steps = self.phases.sync_phase(client, self.cancel)
+                steps = self.phases.sync_phase(client, self.cancel, self._track)
             finally:
                 # Whatever happened, the window is open: the max-hold clock runs.
                 with self.cond:
@@ -1141,7 +1333,7 @@ class SyncWindow:
             if self.stopped:
                 return 503, "shutting down"
             log.info("/post-sync with no window open: running the post phase anyway")
-            steps = self.phases.post_phase(client)
+            steps, _ = self.phases.post_phase(client)
             self._record("post-sync", steps)
             return phase_answer(steps)
         finally:
@@ -1162,38 +1354,66 @@ class SyncWindow:
                      "opened_by": self.opened_by,
                      "last_sync": result(self.last["sync"]),
                      "last_post_sync": result(self.last["post-sync"])}
+            left = None
             if self.is_open and self.deadline is not None:
-                state["max_hold_left"] = round(max(0.0, self.deadline - time.monotonic()), 1)
+                left = round(max(0.0, self.deadline - time.monotonic()), 1)
+            if self.owed is not None:
+                state["post_phase_owed"] = {"reason": self.owed, "tries": self.tries,
+                                            "next_try_in": left}
+            elif left is not None:
+                state["max_hold_left"] = left
         return state
 
     # Opening and closing ---------------------------------------------------
     def _open(self, client):
-        self.write_marker(client)
         with self.cond:
             self.is_open = True
             self.syncing = True
             self.cancel.clear()
             self.released_by_watchdog = False
             self.opened_at = time.time()
+            self.opened_mono = time.monotonic()
             self.opened_by = client
             self.deadline = None
+            self.groups = []
+            self.post_rest, self.post_results, self.post_done = None, [], []
+        self.write_marker()
         log.info("window opened by %s", client)
 
     def _close(self, client, why):
-        try:
-            steps = self.phases.post_phase(client)
-        except Exception as err:
-            # Still owed: the watchdog tries again shortly rather than never.
-            log.error("post phase (%s) failed unexpectedly: %r; retrying in %s s",
-                      why, err, seconds(RETRY_POST))
+        """Run what is owed of the post phase; the window closes once every
+        step of it has started.  A step that could not start (no descriptor,
+        no fork) keeps the window open, the marker in place, and is tried
+        again after a short wait (POST_RETRIES) by the watchdog."""
+        if self.post_rest is None:
+            self.post_rest = self.phases.post_plan()
+        results, rest = self.phases.run_post_steps(self.post_rest, client, self._track)
+        done = self.post_rest[:len(self.post_rest) - len(rest)]
+        self.post_results.extend(result for result in results if result.started)
+        self.post_done.extend(label for label, _ in done)
+        self.post_rest = rest
+        if rest:
+            failed = results[-1]
+            reason = failed.reason if failed.label == "post-sync" else "%s: %s" % (
+                failed.label, failed.reason)
+            wait = POST_RETRIES[min(self.tries, len(POST_RETRIES) - 1)]
             with self.cond:
-                self.deadline = time.monotonic() + RETRY_POST
+                self.tries += 1
+                self.owed = reason
+                self.deadline = time.monotonic() + wait
                 self.cond.notify_all()
-            return 500, "internal error; the post phase will be retried"
+            self.write_marker()
+            log.error("post phase (%s, try %d) could not start: %s; still owed, next try "
+                      "in %s s", why, self.tries, reason, seconds(wait))
+            self._record("post-sync", self.post_results + [failed])
+            return 500, "post phase not started: %s (retried in %s s)" % (reason, seconds(wait))
+        steps = self.post_results
         with self.cond:
             self.is_open = False
             self.deadline = None
-            self.opened_at = self.opened_by = None
+            self.opened_at = self.opened_mono = self.opened_by = None
+            self.post_rest, self.post_results, self.post_done = None, [], []
+            self.owed, self.tries, self.groups = None, 0, []
             self.cond.notify_all()
         self.remove_marker()
         self._record("post-sync", steps)
@@ -1205,14 +1425,21 @@ class SyncWindow:
         with self.cond:
             self.last[phase] = (time.time(), steps)     # /status formats it
 
-    def write_marker(self, client):
-        data = json.dumps({"pid": os.getpid(), "opened_at": iso(), "client": client})
+    # The marker: in the runtime dir (tmpfs), never on a filesystem the hook froze
+    def _track(self, proc):
+        """Note a process group started for this window, so that a restart
+        after a crash can end it before running the post phase."""
+        info = proc_stat(proc.pid)
+        self.groups.append({"pgid": proc.pid, "start": info[2] if info else None})
+        self.write_marker()
+
+    def write_marker(self):
+        data = json.dumps({"pid": os.getpid(), "opened_at": iso(self.opened_at),
+                           "client": self.opened_by, "boot_id": boot_id(),
+                           "groups": self.groups, "post_done": self.post_done})
         try:
-            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data.encode() + b"\n")   # even a torn marker means "open"
-            finally:
-                os.close(fd)
+            # Even a torn marker means "open"; a replaced one is never torn.
+            write_new_file(self.marker, data.encode() + b"\n")
         except OSError as err:
             log.error("cannot write window marker %s: %s (a crash now would not be "
                       "recovered at restart)", self.marker, err.strerror)
@@ -1225,22 +1452,49 @@ class SyncWindow:
         except OSError as err:
             log.error("cannot remove window marker %s: %s", self.marker, err.strerror)
 
-    # Outside requests -------------------------------------------------------
-    def recover(self):
-        """At start: a marker means the last run died with a window open."""
+    def read_marker(self):
+        """The marker's fields, {} if it is torn or unreadable, None if absent."""
         try:
-            with open(self.marker) as handle:
-                info = handle.read(4096)
+            fd = open_regular(self.marker, nofollow=True)
         except FileNotFoundError:
             return None
         except OSError as err:
-            info = "unreadable: %s" % err.strerror
-        log.warning("found %s (%s): the previous run ended with a window open; "
-                    "running the post phase before serving", self.marker, info.strip())
-        steps = self.phases.post_phase("restart")
-        self._record("post-sync", steps)
-        self.remove_marker()
-        return steps
+            log.error("window marker %s: %s; treating the window as open", self.marker,
+                      err.strerror)
+            return {}
+        try:
+            info = json.loads(os.read(fd, 65536).decode("utf-8"))
+        except (OSError, ValueError):
+            info = None
+        finally:
+            os.close(fd)
+        return info if isinstance(info, dict) else {}
+
+    # Outside requests -------------------------------------------------------
+    def recover(self):
+        """At start, before anything that could block: a marker means the last
+        run died with a window open.  End the process groups it started (a
+        sync command finishing after the thaw would freeze the guest again),
+        then run what is owed of the post phase."""
+        info = self.read_marker()
+        if info is None:
+            return
+        log.warning("found %s (window opened %s by %s, process %s): the previous run ended "
+                    "with a window open; running the post phase before serving", self.marker,
+                    marker_field(info, "opened_at"), marker_field(info, "client"),
+                    marker_field(info, "pid"))
+        end_leftover_groups(info)
+        done = info.get("post_done")
+        done = set(label for label in done if isinstance(label, str)) if isinstance(
+            done, list) else set()
+        with self.cond:
+            self.is_open = True
+            self.opened_at = time.time()
+            self.opened_mono = time.monotonic()
+            self.opened_by = "restart"
+            self.post_rest = [step for step in self.phases.post_plan() if step[0] not in done]
+            self.post_done = sorted(done)
+        self._close("restart", "restart")
 
     def _watch(self):
         while True:
@@ -1259,7 +1513,11 @@ class SyncWindow:
             try:
                 expired = (self.is_open and not self.stopped and self.deadline is not None
                            and time.monotonic() >= self.deadline)
-                if expired:
+                if expired and self.owed is not None:
+                    log.info("post phase: try %d", self.tries + 1)
+                    self._close("retry", "retry")
+                    self.released_by_watchdog = not self.is_open
+                elif expired:
                     log.warning("no /post-sync within --max-hold %s s of the last /sync: "
                                 "running the post phase now", seconds(self.max_hold))
                     self._close("max-hold", "max-hold")
@@ -1268,17 +1526,106 @@ class SyncWindow:
                 self._give_turn()
 
     def shutdown(self):
-        """Wait for the running command, close an open window, refuse the rest."""
+        """Wait for the running command, close an open window, refuse the rest.
+
+        Returns False when the post phase is still owed at exit (it could not
+        start within SHUTDOWN_RETRY): the marker stays for the next start."""
         self._take_turn(first=True)
         try:
             if self.is_open:
                 log.warning("shutting down with a window open: running the post phase")
                 self._close("shutdown", "shutdown")
+                give_up = time.monotonic() + SHUTDOWN_RETRY
+                while self.is_open and time.monotonic() < give_up:
+                    time.sleep(max(0.0, min(self.deadline, give_up) - time.monotonic()))
+                    self._close("shutdown", "shutdown")
+                if self.is_open:
+                    log.error("exiting with the post phase still owed (%s): the next start "
+                              "runs it (marker %s)", self.owed, self.marker)
             with self.cond:
                 self.stopped = True
                 self.cond.notify_all()
+            return not self.is_open
         finally:
             self._give_turn()
+
+
+def marker_field(info, name):
+    """A marker field for the log: the marker is a file, so escaped and cut."""
+    return escape(info.get(name, "?"), 80) if isinstance(info, dict) else "?"
+
+
+def boot_id():
+    try:
+        with open(BOOT_ID) as handle:
+            return handle.read(64).strip()
+    except OSError:
+        return None
+
+
+def proc_stat(pid):
+    """(state, process group, start time in clock ticks) of pid, None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read(4096)
+        fields = data[data.rindex(b")") + 2:].split()
+        return fields[0].decode("ascii", "replace"), int(fields[2]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def group_members(pgid):
+    """The live (not zombie) processes of process group pgid, from /proc."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if name.isdigit():
+            info = proc_stat(int(name))
+            if info is not None and info[1] == pgid and info[0] != "Z":
+                members.append(int(name))
+    return members
+
+
+def end_leftover_groups(info):
+    """End the process groups a dead run recorded in its marker (TERM, then
+    KILL), and wait until they are gone.  A group is the dead run's if its
+    leader is gone (Linux reuses no pid that still names a group) or is the
+    same process (same start time); after a reboot nothing is left."""
+    groups = info.get("groups")
+    if not isinstance(groups, list) or not groups:
+        return
+    if info.get("boot_id") != boot_id():
+        log.info("the marker is from before a reboot: no process of that run is left")
+        return
+    for group in groups:
+        if not isinstance(group, dict) or not isinstance(group.get("pgid"), int):
+            continue
+        pgid = group["pgid"]
+        if pgid <= 1:
+            continue
+        leader = proc_stat(pgid)
+        if leader is not None and leader[2] != group.get("start"):
+            continue                          # pid reused by an unrelated process
+        if not group_members(pgid):
+            continue
+        log.warning("ending process group %d, left running by the previous run", pgid)
+        for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, RECOVER_WAIT)):
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                break
+            deadline = time.monotonic() + wait
+            while group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not group_members(pgid):
+                break
+        else:
+            log.error("process group %d still has processes after SIGKILL (stuck on a "
+                      "frozen filesystem?): running the post phase anyway", pgid)
+
 
 
 # ---------------------------------------------------------------------------
@@ -1315,14 +1662,23 @@ class DeadlineReader(io.RawIOBase):
 
 
 class SendAll:
-    """A minimal wfile: every write is complete or raises."""
+    """A minimal wfile: every write is complete within the handler's write
+    deadline, or raises.  (sendall's timeout restarts at every byte, so a
+    client reading 1 byte a second would keep the connection for ever.)"""
 
-    def __init__(self, sock):
+    def __init__(self, sock, handler):
         self.sock = sock
+        self.handler = handler
         self.closed = False
 
     def write(self, data):
-        self.sock.sendall(data)
+        view = memoryview(data)
+        while view:
+            left = self.handler.write_deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("answer not taken by the client in time")
+            self.sock.settimeout(left)
+            view = view[self.sock.send(view):]
         return len(data)
 
     def flush(self):
@@ -1351,6 +1707,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.request_version = "HTTP/1.1"
         self.close_connection = True
         self.deadline = time.monotonic() + self.server.cfg.header_timeout
+        self.write_deadline = self.deadline
         try:
             self.connection = self.server.negotiate(self.request, self)
         except (OSError, ValueError) as err:
@@ -1360,7 +1717,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.dropped = True
             return
         self.rfile = io.BufferedReader(DeadlineReader(self.connection, self), 8192)
-        self.wfile = SendAll(self.connection)
+        self.wfile = SendAll(self.connection, self)
+        self.requests = 0
 
     def handle(self):
         if self.dropped:
@@ -1433,13 +1791,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.server.set_state(self.request, "busy")
         self.started = time.monotonic()
-        # The answer may come a minute later; writing it gets its own timeout.
-        self.connection.settimeout(self.server.cfg.header_timeout)
+        self.requests += 1
         try:
             self.parse_head(head)
         except BadHead as err:
             self.reply(err.status, str(err), close=True)
             return
+        if self.requests >= MAX_REQUESTS:
+            self.close_connection = True      # bounds what one client can pipeline
         self.dispatch()
 
     def parse_head(self, head):
@@ -1492,14 +1851,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return any(value.strip() != "0" for value in lengths)
 
     def serve_sync(self):
-        self.reply(*self.server.window.sync(self.client_ip))
+        # Waiting on the window: this connection is never the one evicted.
+        self.server.set_state(self.request, "command")
+        answer = self.server.window.sync(self.client_ip)
+        self.server.set_state(self.request, "busy")
+        self.reply(*answer)
 
     def serve_post_sync(self):
-        self.reply(*self.server.window.post_sync(self.client_ip))
+        self.server.set_state(self.request, "command")
+        answer = self.server.window.post_sync(self.client_ip)
+        self.server.set_state(self.request, "busy")
+        self.reply(*answer)
 
     def serve_status(self):
         state = self.server.window.status()
         state["log_lines_dropped"] = log.dropped
+        state["log_writer_errors"] = log.failures
         state["version"] = __version__
         state["uptime"] = round(time.monotonic() - self.server.started, 1)
         self.reply(200, json.dumps(state, indent=1), content_type="application/json")
@@ -1508,6 +1875,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, text, headers=None, close=False,
               content_type="text/plain; charset=utf-8"):
         body = (text + "\n").encode("utf-8")
+        # The answer may come a minute after the request; writing it gets its own time.
+        self.write_deadline = time.monotonic() + self.server.cfg.header_timeout
         if close:
             self.close_connection = True
         if self.request_version == "HTTP/0.9":
@@ -1548,6 +1917,28 @@ else:  # Python 3.6: the same class, as 3.7 defines it
         daemon_threads = True
 
 
+class Waker(WakePipe):
+    """Wakes the accept loop: for a signal (set_wakeup_fd writes here from
+    whichever thread the kernel gave the signal to), a stop, or a closed
+    connection while accepting is paused."""
+
+    def __init__(self):
+        WakePipe.__init__(self)
+        self.stopping = False
+
+    def install(self):
+        if sys.version_info >= (3, 7):
+            # A full pipe is harmless (the loop is awake already); no warning
+            # on stderr for it.
+            signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)  # novermin
+        else:
+            signal.set_wakeup_fd(self.write_fd)
+
+    def stop(self):
+        self.stopping = True
+        self.poke()
+
+
 class Slot:
     """Hands one connection to a parked worker thread."""
 
@@ -1578,18 +1969,18 @@ class SyncHookServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024         # a burst of connections must not overflow the backlog
 
-    def __init__(self, cfg, family, address, window, tls_context):
+    def __init__(self, cfg, family, address, window, tls_context, waker, max_connections):
         self.address_family = family
         self.cfg = cfg
         self.window = window
         self.tls_context = tls_context
+        self.waker = waker
+        self.max_connections = max_connections
         self.started = time.monotonic()
         self.connections = {}
         self.connections_lock = threading.Lock()
         self.idle_workers = []
-        self.stopping = False
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
+        self.accept_paused = False
         self.secret_digest = None
         if cfg.secret:
             secret = cfg.secret.encode("utf-8", "surrogateescape")
@@ -1607,21 +1998,50 @@ class SyncHookServer(ThreadingHTTPServer):
 
     # The accept loop: blocks until a connection or a signal, nothing else.
     def serve(self):
+        """Accept connections until the waker says stop.
+
+        Signals may be delivered to any thread; Python runs their handlers in
+        this one, and set_wakeup_fd (the waker's pipe) makes sure this loop
+        wakes to let it.  Out of descriptors, accepting pauses instead of
+        spinning on EMFILE, until a connection closes or ACCEPT_PAUSE passes.
+        """
+        waker = self.waker
         with selectors.DefaultSelector() as selector:
             selector.register(self, selectors.EVENT_READ)
-            selector.register(self.wake_r, selectors.EVENT_READ)
-            while not self.stopping:
-                for key, _ in selector.select():
-                    if key.fileobj is self and not self.stopping:
-                        self._handle_request_noblock()
+            selector.register(waker.read_fd, selectors.EVENT_READ)
+            resume_at = None
+            while not waker.stopping:
+                timeout = None if resume_at is None else max(0.0, resume_at - time.monotonic())
+                ready = [key.fileobj for key, _ in selector.select(timeout)]
+                if waker.read_fd in ready:
+                    waker.drain()
+                if resume_at is not None and (not self.accept_paused or
+                                              time.monotonic() >= resume_at):
+                    selector.register(self, selectors.EVENT_READ)
+                    resume_at, self.accept_paused = None, False
+                    ready.append(self)
+                if self in ready and not waker.stopping and not self.accept_one():
+                    selector.unregister(self)
+                    resume_at, self.accept_paused = time.monotonic() + ACCEPT_PAUSE, True
 
-    def wake(self):
-        """Safe from a signal handler: ends serve()."""
-        self.stopping = True
+    def accept_one(self):
+        """socketserver's _handle_request_noblock; False when out of descriptors."""
         try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+            request, client_address = self.get_request()
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.warning("cannot accept a connection: %s; pausing", err.strerror)
+                return False
+            return True                       # the client left before we took it
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:                 # noqa: BLE001 (no thread: RuntimeError)
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+        else:
+            self.shutdown_request(request)
+        return True
 
     # Who may connect, and how many ---------------------------------------------
     @staticmethod
@@ -1653,19 +2073,21 @@ class SyncHookServer(ThreadingHTTPServer):
             log.warning("%s: connection refused: not in --allow", ip)
             return False
         with self.connections_lock:
-            if len(self.connections) >= self.cfg.max_connections:
-                idle = [(c.since, key) for key, c in self.connections.items()
-                        if c.state in ("new", "idle")]
-                if not idle:
-                    log.warning("%s: connection refused: %d connections busy", ip,
-                                len(self.connections))
+            if len(self.connections) >= self.max_connections:
+                # The oldest connection not waiting on the window goes: idle,
+                # half-open, or stuck writing to a client that does not read.
+                others = [(c.since, key) for key, c in self.connections.items()
+                          if c.state != "command"]
+                if not others:
+                    log.warning("%s: connection refused: %d connections wait on a command",
+                                ip, len(self.connections))
                     return False
-                victim = self.connections.pop(min(idle, key=lambda pair: pair[0])[1])
+                victim = self.connections.pop(min(others, key=lambda pair: pair[0])[1])
                 try:
                     socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
                 except OSError:
                     pass
-                log.debug("connection limit: dropped the oldest idle connection")
+                log.debug("connection limit: dropped the oldest %s connection", victim.state)
             self.connections[request] = Connection(request)
         return True
 
@@ -1701,6 +2123,9 @@ class SyncHookServer(ThreadingHTTPServer):
         with self.connections_lock:
             self.connections.pop(request, None)
         ThreadingHTTPServer.shutdown_request(self, request)
+        if self.accept_paused:                # a descriptor is free: accept again
+            self.accept_paused = False
+            self.waker.poke()
 
     def handle_error(self, request, client_address):
         err = sys.exc_info()[1]
@@ -1782,15 +2207,16 @@ def handshake(tls, deadline):
                 tls.do_handshake()
                 return
             except ssl.SSLWantReadError:
-                select.select([tls], [], [], left)
+                wait_ready([tls], left)
             except ssl.SSLWantWriteError:
-                select.select([], [tls], [], left)
+                wait_ready([], left, [tls])
     finally:
         tls.setblocking(True)
 
 
-def open_server(cfg, window, tls_context):
+def open_server(cfg, window, tls_context, waker):
     """Bind: dual-stack by default, IPv4 where IPv6 is off.  OSError on failure."""
+    args = (window, tls_context, waker, cfg.max_connections)
     if cfg.listen:
         try:
             infos = socket.getaddrinfo(cfg.listen, cfg.port, 0, socket.SOCK_STREAM, 0,
@@ -1798,14 +2224,46 @@ def open_server(cfg, window, tls_context):
         except socket.gaierror as err:
             raise ConfigError("--listen %s: %s" % (cfg.listen, err.strerror))
         family, _, _, _, address = infos[0]
-        return SyncHookServer(cfg, family, address[:2], window, tls_context)
+        return SyncHookServer(cfg, family, address[:2], *args)
     try:
-        return SyncHookServer(cfg, socket.AF_INET6, ("::", cfg.port), window, tls_context)
+        return SyncHookServer(cfg, socket.AF_INET6, ("::", cfg.port), *args)
     except OSError as err:
         if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
             raise
         log.info("IPv6 unavailable (%s): listening on IPv4 only", err.strerror)
-        return SyncHookServer(cfg, socket.AF_INET, ("0.0.0.0", cfg.port), window, tls_context)
+        return SyncHookServer(cfg, socket.AF_INET, ("0.0.0.0", cfg.port), *args)
+
+
+def open_descriptors():
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 16
+
+
+def connection_cap(wanted):
+    """--max-connections, lowered where the descriptor limit cannot hold that
+    many connections plus the FD_RESERVE a post phase needs (a command's pipes,
+    /dev/null, the marker): clients must never take the thaw's descriptors.
+    The soft limit is raised towards the hard one first."""
+    in_use = open_descriptors()
+    need = wanted + in_use + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if raised > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+            except (ValueError, OSError):
+                pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    cap = max(1, soft - in_use - FD_RESERVE)
+    log.warning("--max-connections %d lowered to %d: the descriptor limit is %d (ulimit -n, "
+                "LimitNOFILE=) and %d are kept for the post phase", wanted, cap, soft,
+                FD_RESERVE)
+    return cap
 
 
 def notify_systemd(message):
@@ -1968,19 +2426,54 @@ def tls_context(cert, key):
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin
     else:  # Python 3.6
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
-    context.load_cert_chain(cert, key)
+    # Opened here, non-blocking and regular files only (a FIFO at either path
+    # must not hang the start); OpenSSL then reads the very files we checked.
+    cert_fd = open_regular(cert)
+    try:
+        key_fd = open_regular(key)
+        try:
+            context.load_cert_chain(fd_path(cert_fd, cert), fd_path(key_fd, key))
+        finally:
+            os.close(key_fd)
+    finally:
+        os.close(cert_fd)
     return context
 
 
-def write_private(path, text):
-    """Write atomically, mode 0600 from the start."""
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def fd_path(fd, path):
+    """A name that opens the file already open as fd (Linux /proc), else path."""
+    proc = "/proc/self/fd/%d" % fd
+    return proc if os.path.exists(proc) else path
+
+
+def write_new_file(path, data, sync=False):
+    """Replace path with a new 0600 file holding data.
+
+    The new file gets an unpredictable name, is created with O_EXCL and
+    O_NOFOLLOW (nothing planted in the directory is followed or reused), and
+    is then renamed over path, so that path is never seen half written.
+    """
+    directory = os.path.dirname(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(8):
+        tmp = os.path.join(directory, ".%s.%s" % (os.path.basename(path),
+                                                  secrets.token_hex(8)))
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OSError(errno.EEXIST, "cannot pick a temporary name", directory)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1988,6 +2481,11 @@ def write_private(path, text):
         except OSError:
             pass
         raise
+
+
+def write_private(path, text):
+    """A key or certificate, written whole and synced before it replaces path."""
+    write_new_file(path, text.encode("ascii"), sync=True)
 
 
 def load_tls(cfg):
@@ -2146,11 +2644,11 @@ def check_port(cfg):
         probe.bind(address)
         return True, "port %d is free" % cfg.port
     except OSError as err:
-        in_use = err.errno == errno.EADDRINUSE
+        in_use, reason = err.errno == errno.EADDRINUSE, err.strerror
     finally:
         probe.close()
     if not in_use:
-        return False, "cannot bind port %d: %s" % (cfg.port, err.strerror)
+        return False, "cannot bind port %d: %s" % (cfg.port, reason)
     loopback = "::1" if family == socket.AF_INET6 and host in ("::", "::1") else "127.0.0.1"
     if host not in ("::", "0.0.0.0"):
         loopback = host
@@ -2228,7 +2726,18 @@ def cmd_check(cfg):
     except KeyboardInterrupt:
         report(False, "interrupted during the sync phase")
     print("post phase:")                   # owed whatever happened above
-    report_steps(phases.post_phase("check"))
+    steps, rest = phases.post_phase("check")
+    tries, give_up = 0, time.monotonic() + 60
+    while rest and time.monotonic() < give_up:
+        wait = POST_RETRIES[min(tries, len(POST_RETRIES) - 1)]
+        print("     %s could not start (%s): trying again in %s s"
+              % (steps[-1].label, steps[-1].reason, seconds(wait)))
+        sys.stdout.flush()
+        time.sleep(wait)
+        tries += 1
+        more, rest = phases.run_post_steps(rest, "check")
+        steps = [step for step in steps if step.started] + more
+    report_steps(steps)
     print("all good" if not problems else "%d problem(s)" % len(problems))
     return 0 if not problems else 1
 
@@ -2246,26 +2755,10 @@ def prepare_runtime_dir(path):
         raise ConfigError("--runtime-dir %s: not writable" % path)
 
 
-def cmd_serve(cfg):
-    prepare_runtime_dir(cfg.runtime_dir)
-    if cfg.secret_from_flag:
-        log.warning("--secret on the command line is visible in ps; prefer --secret-file "
-                    "or SYNCHOOK_SECRET")
-    context = load_tls(cfg)
-    phases = Phases(cfg)
-    window = SyncWindow(phases, cfg.max_hold, cfg.runtime_dir)
-    window.recover()
-    try:
-        server = open_server(cfg, window, context)
-    except OSError as err:
-        log.error("cannot listen on %s port %d: %s", cfg.listen or "all addresses", cfg.port,
-                  err.strerror)
-        return 1
-    window.watchdog.start()
-
+def install_signal_handlers(waker):
     def on_signal(signum, frame):
         log.info("%s received: shutting down", signal.Signals(signum).name)
-        server.wake()
+        waker.stop()
 
     def on_hangup(signum, frame):
         # The default action would kill us without the post phase (an init
@@ -2276,6 +2769,34 @@ def cmd_serve(cfg):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    waker.install()
+
+
+def cmd_serve(cfg):
+    prepare_runtime_dir(cfg.runtime_dir)
+    waker = Waker()
+    install_signal_handlers(waker)
+    phases = Phases(cfg)
+    window = SyncWindow(phases, cfg.max_hold, cfg.runtime_dir)
+    # Recovery first: anything before it (a key written to --state-dir, a
+    # certificate read) could block on the filesystem the dead run froze.
+    window.recover()
+    window.watchdog.start()              # retries a post phase that could not start
+    try:
+        if cfg.secret_from_flag:
+            log.warning("--secret on the command line is visible in ps; prefer --secret-file "
+                        "or SYNCHOOK_SECRET")
+        context = load_tls(cfg)
+        server = open_server(cfg, window, context, waker)
+    except OSError as err:
+        log.error("cannot listen on %s port %d: %s", cfg.listen or "all addresses", cfg.port,
+                  err.strerror)
+        window.shutdown()
+        return 1
+    except ConfigError:
+        window.shutdown()
+        raise
+    server.max_connections = connection_cap(cfg.max_connections)
     host, port = server.server_address[:2]
     scheme = {"auto": "https+http", "on": "https", "off": "http"}[
         cfg.tls if context is not None else "off"]
@@ -2293,12 +2814,32 @@ def cmd_serve(cfg):
     server.serve()
     notify_systemd("STOPPING=1")
     server.socket.close()                       # stop accepting
-    window.shutdown()
-    log.info("stopped")
-    return 0
+    released = window.shutdown()
+    log.info("stopped" if released else "stopped with the post phase owed")
+    return 0 if released else 1
+
+
+def reopen_standard_fds():
+    """Started with 0, 1 or 2 closed (`0<&- 1>&- 2>&-`), the next pipe or
+    socket would take that number, and log lines would go into it: give each
+    closed one /dev/null first."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+            except OSError:
+                return
+            if null != fd:                   # lowest free number: it is fd, unless
+                os.dup2(null, fd)            # an earlier one was free too
+                os.close(null)
+            if fd and getattr(sys, ("stdout", "stderr")[fd - 1]) is None:
+                setattr(sys, ("stdout", "stderr")[fd - 1], open(fd, "w", closefd=False))
 
 
 def main(argv=None):
+    reopen_standard_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
     if argv and argv[0] in ("serve", "check", "call"):

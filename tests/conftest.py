@@ -61,7 +61,7 @@ class Daemon:
     """A running synchook.py: its port, its log, and XO-like requests."""
 
     def __init__(self, tmp_path, args, env=None, python=None, state_dir=None, wait=True,
-                 cwd=None, command=None):
+                 cwd=None, command=None, preexec_fn=None):
         self.tmp = tmp_path
         self.log_path = str(tmp_path / ("daemon-%d.log" % time.monotonic_ns()))
         self.runtime = str(tmp_path / "run")
@@ -83,7 +83,8 @@ class Daemon:
         full_env.update(env or {})
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT)
+                                     stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT,
+                                     preexec_fn=preexec_fn)
         self.port = None
         if wait:
             self.wait_listening()
