@@ -75,6 +75,10 @@ MAX_HEADERS = 64                   # header lines per request (431 beyond)
 MAX_HEAD = 32768                   # bytes in request line plus headers
 LOG_QUEUE = 2000                   # log lines waiting for the writer; more are dropped
 LOG_COALESCE = 0.01                # the writer gathers a burst of lines this long
+NOISE_BURST = 20                   # log lines one client can cause at will (refusals,
+NOISE_PER_MINUTE = 10              # failures, /status) in a burst, then per minute;
+NOISE_CLIENTS = 4096               # clients tracked; beyond, they share one count
+NOISE_SUMMARY = 60.0               # how often "N more from ADDR" is logged
 IDLE_WORKERS = 4                   # connection threads kept waiting for the next one
 POST_RETRIES = (1.0, 2.0, 5.0, 10.0)   # waits between tries of a post phase that could
                                    # not start; the last one repeats until it starts
@@ -148,6 +152,7 @@ class Log:
         self.dropped = 0
         self.reported_dropped = 0
         self.failures = 0
+        self.noise_filter = NoiseFilter()
         self.sink = StderrSink()
         self.thread = None
 
@@ -169,6 +174,23 @@ class Log:
 
     def error(self, msg, *args):
         self._emit(40, msg, args)
+
+    def noise(self, client, msg, *args, level=20):
+        """An info line any client can cause at will (a refused connection, a
+        failed handshake, a 4xx, /status): bounded per client by the noise
+        filter, and kept out of the half of the buffer that window lines need,
+        so that a flood never pushes out the lines of a window."""
+        if level < self.level:
+            return
+        admitted, summaries = self.noise_filter.admit(client, time.monotonic())
+        for summary in summaries:
+            self._emit(20, summary, ())
+        if not admitted:
+            return
+        if len(self.pending) >= LOG_QUEUE // 2 and self.thread is not None:
+            self.dropped += 1
+            return
+        self._emit(level, msg, args)
 
     def _emit(self, level, msg, args):
         if level < self.level:
@@ -230,6 +252,50 @@ class Log:
         self.closing = True
         self.wake.release()
         self.thread.join(timeout)
+
+
+class NoiseFilter:
+    """Per client, a bucket of NOISE_BURST lines refilled at NOISE_PER_MINUTE;
+    what does not fit is counted and summed up once per NOISE_SUMMARY.  No
+    timer: the summary rides on the next noisy line from anyone."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.clients = {}              # address -> [tokens, last seen, lines not logged]
+        self.next_summary = 0.0
+
+    def admit(self, client, now):
+        """(log this line?, summary lines due now)"""
+        with self.lock:
+            entry = self.clients.get(client)
+            if entry is None:
+                if len(self.clients) >= NOISE_CLIENTS:
+                    client = "other clients"
+                    entry = self.clients.get(client)
+                if entry is None:
+                    entry = self.clients[client] = [float(NOISE_BURST), now, 0]
+            tokens = min(float(NOISE_BURST), entry[0] + (now - entry[1]) * NOISE_PER_MINUTE / 60)
+            admitted = tokens >= 1
+            entry[0], entry[1] = tokens - 1 if admitted else tokens, now
+            summaries = []
+            if not admitted:
+                entry[2] += 1
+            elif entry[2]:                     # quiet again: say what was left out
+                summaries.append(self.summary(client, entry))
+            if now >= self.next_summary:
+                self.next_summary = now + NOISE_SUMMARY
+                for address, other in list(self.clients.items()):
+                    if other[2]:
+                        summaries.append(self.summary(address, other))
+                    elif now - other[1] > 10 * NOISE_SUMMARY:
+                        del self.clients[address]
+            return admitted, summaries
+
+    @staticmethod
+    def summary(address, entry):
+        count, entry[2] = entry[2], 0
+        return "%d more log lines from %s not logged (over %d a minute)" % (
+            count, address, NOISE_PER_MINUTE)
 
 
 class StderrSink:
@@ -361,13 +427,29 @@ def parse_allow(text):
     networks = []
     for entry in text.split(","):
         entry = entry.strip()
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-        except ValueError:
-            raise ConfigError("%r is not an IP address or CIDR block" % entry)
+        if entry:
+            networks.append(parse_network(entry))
     return networks
+
+
+def parse_network(entry):
+    """One --allow entry: an address or a CIDR block written as such."""
+    bare = entry.replace("[", "").replace("]", "")
+    address, slash, prefix = bare.partition("/")
+    try:
+        network = ipaddress.ip_network(bare, strict=False)
+        first = ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError("%r is not an IP address or CIDR block" % entry)
+    if slash and not prefix.isdigit():
+        raise ConfigError("%r: write the prefix length: %s" % (entry, network))
+    if slash and first != network.network_address:
+        raise ConfigError("%r has bits set after the prefix: did you mean %s (the network) "
+                          "or %s (the one address)?" % (entry, network, address))
+    mapped = network.network_address.version == 6 and network.network_address.ipv4_mapped
+    if mapped and network.prefixlen >= 96:   # ::ffff:10.0.0.2 is 10.0.0.2, as clients are
+        network = ipaddress.ip_network("%s/%d" % (mapped, network.prefixlen - 96))
+    return network
 
 
 def parse_listen(text):
@@ -529,6 +611,73 @@ def read_regular(path, limit):
         os.close(fd)
 
 
+def untrusted(path, owners=(0,), is_parent=False):
+    """Why path cannot be trusted, as one line naming the fix, or None.
+
+    As sshd's StrictModes: the file (after symbolic links) and every
+    directory above it must be owned by one of `owners` and not writable by
+    group or others, or anyone who could write there could swap in their own
+    file; a world-writable parent with the sticky bit (/tmp) is fine (and
+    path itself too when is_parent: it is the directory of what we check).
+    """
+    real = os.path.realpath(path)
+    current = real
+    while True:
+        try:
+            st = os.lstat(current)
+        except OSError as err:
+            if current == real:
+                return None               # missing: its reader says so, more plainly
+            return "%s: %s" % (current, err.strerror)
+        if st.st_uid not in owners:
+            owner = "root" if owners[-1] == 0 else str(owners[-1])
+            return ("%s is owned by uid %d (fix: chown %s %s)"
+                    % (current, st.st_uid, owner, current))
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_mode & 0o022 and not (sticky_dir and (is_parent or current != real)):
+            return "%s is writable by group or others (fix: chmod go-w %s)" % (current, current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def check_trusted(path, what):
+    """Running as root, refuse a file or directory another user could change."""
+    if os.geteuid() != 0:
+        return
+    problem = untrusted(path)
+    if problem:
+        raise ConfigError("%s %s: not trusted: %s" % (what, path, problem))
+
+
+def private_dir(path, what):
+    """Make sure path is a directory only synchook's user can change: created
+    0700 if missing, else it must be a real directory (not a symbolic link),
+    owned by that user, not writable by group or others; so must its parents
+    be (or sticky).  ConfigError naming the path and the fix otherwise;
+    OSError if it cannot be created."""
+    uid = os.geteuid()
+    try:
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass                              # OSError for any other failure: caller's call
+    st = os.lstat(path)
+    fix = "chown %d %s && chmod 700 %s, or choose another %s" % (uid, path, path, what)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError("%s %s: not a directory (a symbolic link?): remove it, or choose "
+                          "another %s" % (what, path, what))
+    if st.st_uid != uid:
+        raise ConfigError("%s %s: owned by uid %d, not synchook's %d (fix: %s)"
+                          % (what, path, st.st_uid, uid, fix))
+    if st.st_mode & 0o022:
+        raise ConfigError("%s %s: writable by group or others (fix: %s)" % (what, path, fix))
+    problem = untrusted(os.path.dirname(path), (0, uid) if uid else (0,), is_parent=True)
+    if problem:
+        raise ConfigError("%s %s: not trusted: %s" % (what, path, problem))
+
+
 def read_config_file(path):
     """Parse SYNCHOOK_NAME=value words with sh quoting; nothing is executed."""
     try:
@@ -554,8 +703,12 @@ def read_config_file(path):
             continue
         name, sep, value = word.partition("=")
         if not sep:
-            raise ConfigError("%s line %d: expected SYNCHOOK_NAME=value, got %r"
-                              % (path, line, word))
+            # Never echo a word of a line that sets the secret: it may be part of it.
+            line_text = text.split("\n")[line - 1] if line <= text.count("\n") + 1 else ""
+            shown = ("(not shown: a secret line)" if "SECRET" in line_text or "SECRET" in word
+                     else "%r" % word)
+            raise ConfigError("%s line %d: expected SYNCHOOK_NAME=value, got %s (quote a value "
+                              "with spaces)" % (path, line, shown))
         if name not in OPTION_BY_ENV or name == "SYNCHOOK_CONFIG":
             raise ConfigError("%s line %d: unknown setting %s" % (path, line, name))
         values[name] = (value, "%s line %d" % (path, line))
@@ -572,10 +725,22 @@ class Config:
         self.secret_from_flag = False
 
 
+# Settings that, set but empty, would quietly open the door: refused instead.
+MUST_NOT_BE_EMPTY = {
+    "secret": "let anyone in without a secret",
+    "secret_file": "name no file",
+    "allow": "let anyone connect",
+    "tls_cert": "name no certificate",
+    "tls_key": "name no key",
+}
+
+
 def resolve_config(args, environ=None):
     environ = os.environ if environ is None else environ
     cfg = Config()
     config_path = args.config if args.config is not None else environ.get("SYNCHOOK_CONFIG", "")
+    if config_path:
+        check_trusted(config_path, "--config")
     from_file = read_config_file(config_path) if config_path else {}
     for opt in OPTIONS:
         flag_value = getattr(args, opt.name)
@@ -589,6 +754,9 @@ def resolve_config(args, environ=None):
             raw, origin = opt.default, None
         if raw is None:
             raw = default_runtime_dir()
+        if origin is not None and opt.name in MUST_NOT_BE_EMPTY and not raw.strip(", \t"):
+            raise ConfigError("%s is set but empty, which would %s; unset it or give a value"
+                              % (origin, MUST_NOT_BE_EMPTY[opt.name]))
         try:
             value = opt.parse(raw)
         except ConfigError as err:
@@ -622,6 +790,7 @@ def finish_config(cfg):
     if cfg.secret and cfg.secret_file:
         raise ConfigError("--secret and --secret-file are both set; choose one")
     if cfg.secret_file:
+        check_trusted(cfg.secret_file, "--secret-file")
         cfg.secret = read_secret_file(cfg.secret_file)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
@@ -629,10 +798,14 @@ def finish_config(cfg):
         path = getattr(cfg, name)
         if path and not os.access(path, os.R_OK):
             raise ConfigError("--%s %s: cannot read the file" % (name.replace("_", "-"), path))
+    if cfg.tls_key:
+        check_trusted(cfg.tls_key, "--tls-key")
     if cfg.tls == "on" and ssl is None:
         raise ConfigError("--tls on: this Python has no ssl module")
     if cfg.hooks_dir and not os.path.isdir(cfg.hooks_dir):
         raise ConfigError("--hooks-dir %s: not a directory" % cfg.hooks_dir)
+    if cfg.hooks_dir:
+        check_trusted(cfg.hooks_dir, "--hooks-dir")
     # The daemon works from / (it must not keep a mount busy): paths become absolute.
     for name in ("tls_cert", "tls_key", "hooks_dir", "runtime_dir", "state_dir"):
         if getattr(cfg, name):
@@ -1098,13 +1271,12 @@ def list_hooks(directory):
         return hooks, skipped
     try:
         names = sorted(os.listdir(directory))
-        dir_stat = os.stat(directory)
     except OSError as err:
         return hooks, [(True, "%s: cannot read: %s" % (directory, err.strerror))]
     root = os.geteuid() == 0
-    if root and (dir_stat.st_uid != 0 or dir_stat.st_mode & 0o022):
-        return hooks, [(True, "%s: not owned by root or writable by group/others; "
-                              "no hook in it runs" % directory)]
+    problem = untrusted(directory) if root else None
+    if problem:
+        return hooks, [(True, "%s: not trusted, no hook in it runs: %s" % (directory, problem))]
     for name in names:
         path = os.path.join(directory, name)
         if not HOOK_NAME.match(name) or HOOK_LEFTOVER.search(name):
@@ -1633,6 +1805,10 @@ def end_leftover_groups(info):
 # ---------------------------------------------------------------------------
 
 HEADER_LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:")   # no folding, no space before ':'
+# Exactly METHOD SP target SP HTTP/x.y: no other separator (TAB, VT, 0x85 and 0xA0
+# were all "whitespace" to str.split), no control or non-ASCII byte in the target.
+REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?")
+HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs but TAB, in a header line
 ROUTES = {"/sync": "sync", "/post-sync": "post_sync", "/status": "status"}
 
 
@@ -1719,6 +1895,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(DeadlineReader(self.connection, self), 8192)
         self.wfile = SendAll(self.connection, self)
         self.requests = 0
+        self.refused = False
 
     def handle(self):
         if self.dropped:
@@ -1733,6 +1910,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def finish(self):
         if self.dropped:
             return
+        if self.refused:
+            self.linger()
         try:
             self.rfile.close()
         except OSError:
@@ -1742,6 +1921,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.close()
             except OSError:
                 pass
+
+    def linger(self):
+        """After refusing a request, read (and drop) what the client still
+        sends, 64 KB and one second at most, before closing: a close with
+        unread data sends a reset, which can destroy the answer before the
+        client has read it."""
+        deadline = time.monotonic() + 1.0
+        left = 65536
+        try:
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return
+                self.connection.settimeout(wait)
+                chunk = self.connection.recv(min(left, 16384))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
     # Reading one request ----------------------------------------------------
     def read_head(self):
@@ -1810,33 +2009,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """
         lines = head.decode("latin-1").split("\n")
         self.requestline = lines[0].rstrip("\r")
-        words = self.requestline.split()
-        if len(words) != 3:
+        match = REQUEST_LINE.fullmatch(lines[0])
+        if not match:
             raise BadHead(400, "bad request line")
-        if not re.match(r"^HTTP/\d\.\d$", words[2]):
-            raise BadHead(400, "bad request version")
+        words = match.groups()
         if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
             raise BadHead(505, "HTTP version not supported")
         self.command, self.path, self.request_version = words
         self.headers = http.client.HTTPMessage()
         for line in lines[1:]:
-            name, _, value = line.rstrip("\r").partition(":")
+            line = line[:-1] if line.endswith("\r") else line
+            if HEADER_CONTROL.search(line):
+                raise BadHead(400, "control character in a header")
+            name, _, value = line.partition(":")
             if name:
-                self.headers[name] = value.strip()
+                self.headers[name] = value.strip(" \t")
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = (connection == "close" or
                                  (words[2] == "HTTP/1.0" and connection != "keep-alive"))
 
     # Routing -----------------------------------------------------------------
     def dispatch(self):
+        # A body is never read, so a request that announces one ends the
+        # connection whatever its path: its body must not be taken for the
+        # next request (POST /x with "GET /sync ..." as its body).
+        if self.has_body():
+            return self.reply(400, "a request body is not accepted")
         path, _, query = self.path.partition("?")
         route = ROUTES.get(path)
         if route is None:
             return self.reply(404, "not found")
         if self.command != "GET":
             return self.reply(405, "method not allowed", {"Allow": "GET"})
-        if self.has_body():
-            return self.reply(400, "a request body is not accepted", close=True)
         if not self.server.authorized(self.headers, query):
             return self.reply(403, "forbidden: missing or wrong secret")
         getattr(self, "serve_" + route)()
@@ -1877,8 +2081,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = (text + "\n").encode("utf-8")
         # The answer may come a minute after the request; writing it gets its own time.
         self.write_deadline = time.monotonic() + self.server.cfg.header_timeout
-        if close:
+        if close or 400 <= status < 500:      # after a refusal, trust nothing that follows
             self.close_connection = True
+            self.refused = True
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"
         self.send_response(status)
@@ -1895,9 +2100,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.flush_headers()
         if self.close_connection and self.connection is self.request:
             self.connection.shutdown(socket.SHUT_WR)   # the client sees the end at once
-        log.info("%s %s %s %d %.3fs", self.client_ip, self.command or "-",
-                 escape(self.path.partition("?")[0], 200), status,
-                 time.monotonic() - self.started)
+        path = self.path.partition("?")[0]
+        line = ("%s %s %s %d %.3fs", self.client_ip, self.command or "-", escape(path, 200),
+                status, time.monotonic() - self.started)
+        if path in ("/sync", "/post-sync") and not 400 <= status < 500:
+            log.info(*line)                   # the window's story: always logged
+        else:
+            log.noise(self.client_ip, *line)
 
     def log_request(self, code="-", size="-"):
         pass                  # reply() logs one line per request, with its duration
@@ -2070,7 +2279,7 @@ class SyncHookServer(ThreadingHTTPServer):
     def verify_request(self, request, client_address):
         ip = self.client_ip(client_address)
         if not self.allowed(ip):
-            log.warning("%s: connection refused: not in --allow", ip)
+            log.noise(ip, "%s: connection refused: not in --allow", ip, level=30)
             return False
         with self.connections_lock:
             if len(self.connections) >= self.max_connections:
@@ -2079,8 +2288,8 @@ class SyncHookServer(ThreadingHTTPServer):
                 others = [(c.since, key) for key, c in self.connections.items()
                           if c.state != "command"]
                 if not others:
-                    log.warning("%s: connection refused: %d connections wait on a command",
-                                ip, len(self.connections))
+                    log.noise(ip, "%s: connection refused: %d connections wait on a command",
+                              ip, len(self.connections), level=30)
                     return False
                 victim = self.connections.pop(min(others, key=lambda pair: pair[0])[1])
                 try:
@@ -2144,7 +2353,8 @@ class SyncHookServer(ThreadingHTTPServer):
             return None
         is_tls = first == b"\x16"           # a TLS handshake record
         if is_tls and mode == "off":
-            log.info("%s: TLS connection refused (--tls off)", handler.client_ip)
+            log.noise(handler.client_ip, "%s: TLS connection refused (--tls off)",
+                      handler.client_ip)
             return None
         if not is_tls and mode == "on":
             self.refuse_plain(sock, handler.client_ip)
@@ -2159,7 +2369,7 @@ class SyncHookServer(ThreadingHTTPServer):
         try:
             handshake(tls, handler.deadline)
         except (OSError, ValueError) as err:
-            log.info("%s: TLS handshake failed: %s", handler.client_ip, err)
+            log.noise(handler.client_ip, "%s: TLS handshake failed: %s", handler.client_ip, err)
             tls.close()
             return None
         return tls
@@ -2174,7 +2384,7 @@ class SyncHookServer(ThreadingHTTPServer):
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        log.info("%s: plain HTTP refused (--tls on)", ip)
+        log.noise(ip, "%s: plain HTTP refused (--tls on)", ip)
 
     # The secret -----------------------------------------------------------------
     def authorized(self, headers, query):
@@ -2186,9 +2396,12 @@ class SyncHookServer(ThreadingHTTPServer):
         if scheme.lower() == "bearer":
             digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
             good = hmac.compare_digest(digest, self.bearer_digest)
-        for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-            if name == "token":
-                digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+        # Percent-decoding only, not form decoding: a raw "+" in the tag URL is a
+        # "+" of the secret (base64 secrets have them), not a space.
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if urllib.parse.unquote(name) == "token":
+                digest = hashlib.sha256(urllib.parse.unquote_to_bytes(value)).digest()
                 good = hmac.compare_digest(digest, self.secret_digest) or good
                 break
         return good
@@ -2420,7 +2633,11 @@ def make_self_signed(hostname, bits=2048):
     return pem("CERTIFICATE", cert_der), pem("RSA PRIVATE KEY", key_der)
 
 
-def tls_context(cert, key):
+def tls_context(cert, key, stored=False):
+    """A server context from cert and key files.  Both must be regular files
+    owned by root or synchook's user, and the key unreadable by group and
+    others (ConfigError otherwise); stored ones (in --state-dir) must not be
+    symbolic links."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if hasattr(ssl, "TLSVersion"):
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin
@@ -2428,16 +2645,30 @@ def tls_context(cert, key):
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     # Opened here, non-blocking and regular files only (a FIFO at either path
     # must not hang the start); OpenSSL then reads the very files we checked.
-    cert_fd = open_regular(cert)
+    cert_fd = open_regular(cert, nofollow=stored)
     try:
-        key_fd = open_regular(key)
+        key_fd = open_regular(key, nofollow=stored)
         try:
+            for fd, path, private in ((cert_fd, cert, False), (key_fd, key, True)):
+                check_key_file(os.fstat(fd), path, private)
             context.load_cert_chain(fd_path(cert_fd, cert), fd_path(key_fd, key))
         finally:
             os.close(key_fd)
     finally:
         os.close(cert_fd)
     return context
+
+
+def check_key_file(st, path, private):
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError("%s is owned by uid %d, neither root nor synchook's user (fix: "
+                          "chown root %s)" % (path, st.st_uid, path))
+    if private and st.st_mode & 0o077:
+        raise ConfigError("%s: a private key readable by group or others (fix: chmod 600 %s)"
+                          % (path, path))
+    if not private and st.st_mode & 0o022:
+        raise ConfigError("%s is writable by group or others (fix: chmod go-w %s)"
+                          % (path, path))
 
 
 def fd_path(fd, path):
@@ -2499,25 +2730,27 @@ def load_tls(cfg):
     if cfg.tls_cert:
         try:
             return tls_context(cfg.tls_cert, cfg.tls_key)
-        except (OSError, ssl.SSLError) as err:
+        except (OSError, ssl.SSLError, ConfigError) as err:
             raise ConfigError("--tls-cert %s / --tls-key %s: cannot load: %s"
                               % (cfg.tls_cert, cfg.tls_key, err))
     cert = os.path.join(cfg.state_dir, CERT_FILE)
     key = os.path.join(cfg.state_dir, KEY_FILE)
-    if os.path.exists(cert) or os.path.exists(key):
-        try:
-            return tls_context(cert, key)
-        except (OSError, ssl.SSLError) as err:
-            log.warning("stored certificate %s unusable (%s): making a new one", cert, err)
+    if os.path.lexists(cfg.state_dir):
+        private_dir(cfg.state_dir, "--state-dir")    # exits 2 when not trusted
+        if os.path.lexists(cert) or os.path.lexists(key):
+            try:
+                return tls_context(cert, key, stored=True)
+            except (OSError, ssl.SSLError, ConfigError) as err:
+                log.warning("stored certificate %s unusable (%s): making a new one", cert, err)
     started = time.monotonic()
     cert_pem, key_pem = make_self_signed(socket.gethostname() or "localhost")
     log.info("generated a self-signed certificate in %.1f s", time.monotonic() - started)
     try:
-        os.makedirs(cfg.state_dir, 0o700, exist_ok=True)
+        private_dir(cfg.state_dir, "--state-dir")
         write_private(key, key_pem)
         write_private(cert, cert_pem)
         log.info("certificate kept in %s", cert)
-        return tls_context(cert, key)
+        return tls_context(cert, key, stored=True)
     except OSError as err:
         log.warning("cannot keep the certificate in %s (%s): using it for this run only",
                     cfg.state_dir, err.strerror)
@@ -2527,7 +2760,7 @@ def load_tls(cfg):
     try:
         write_private(key, key_pem)
         write_private(cert, cert_pem)
-        return tls_context(cert, key)
+        return tls_context(cert, key, stored=True)
     finally:
         for path in (cert, key):
             try:
@@ -2674,14 +2907,14 @@ def check_tls(cfg):
         try:
             tls_context(cfg.tls_cert, cfg.tls_key)
             return True, "certificate %s loads" % cfg.tls_cert
-        except (OSError, ssl.SSLError) as err:
+        except (OSError, ssl.SSLError, ConfigError) as err:
             return False, "certificate %s / key %s: %s" % (cfg.tls_cert, cfg.tls_key, err)
     cert = os.path.join(cfg.state_dir, CERT_FILE)
     if os.path.exists(cert):
         try:
-            tls_context(cert, os.path.join(cfg.state_dir, KEY_FILE))
+            tls_context(cert, os.path.join(cfg.state_dir, KEY_FILE), stored=True)
             return True, "stored certificate %s loads" % cert
-        except (OSError, ssl.SSLError) as err:
+        except (OSError, ssl.SSLError, ConfigError) as err:
             return True, "stored certificate %s unusable (%s): replaced at start" % (cert, err)
     return True, "no certificate yet: one is generated at first start in %s" % cfg.state_dir
 
@@ -2748,11 +2981,18 @@ def cmd_check(cfg):
 
 def prepare_runtime_dir(path):
     try:
-        os.makedirs(path, 0o700, exist_ok=True)
+        private_dir(path, "--runtime-dir")
     except OSError as err:
         raise ConfigError("--runtime-dir %s: cannot create: %s" % (path, err.strerror))
     if not os.access(path, os.W_OK):
         raise ConfigError("--runtime-dir %s: not writable" % path)
+
+
+def access_rule(cfg):
+    """Who may run the hooks, in words, for the start line."""
+    who = ("clients in " + ",".join(str(network) for network in cfg.allow)
+           if cfg.allow else "anyone")
+    return "%s%s" % (who, " with the secret" if cfg.secret else ", no secret")
 
 
 def install_signal_handlers(waker):
@@ -2800,11 +3040,13 @@ def cmd_serve(cfg):
     host, port = server.server_address[:2]
     scheme = {"auto": "https+http", "on": "https", "off": "http"}[
         cfg.tls if context is not None else "off"]
-    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s%s",
+    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s; access: %s",
              __version__, "[%s]" % host if ":" in host else host, port, scheme, cfg.sync,
              cfg.post_sync, " hold=%r" % cfg.hold if cfg.hold else "",
-             " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "",
-             " secret required" if cfg.secret else "")
+             " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "", access_rule(cfg))
+    if not cfg.secret and not cfg.allow:
+        log.warning("anyone who can reach port %d can run the hooks: set --allow to XO's "
+                    "address (and a secret, --secret-file)", port)
     if hasattr(gc, "freeze"):
         # Start-up objects live for ever: keep them out of the collector's full
         # passes, which would otherwise add milliseconds to an unlucky request.
