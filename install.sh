@@ -1,5 +1,10 @@
 #!/bin/sh
 # shellcheck shell=dash
+# A download cut short must fail, not succeed having done nothing (cloud-init would
+# record a success): main sets MAIN_DONE as it ends, and this trap, the first command
+# of the file, turns any other end into exit 1.  It also removes the work directory.
+# shellcheck disable=SC2154
+trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0}" != 1 ] && [ "$exit_status" = 0 ]; then printf "error: install.sh ended before its last line (a cut download?): nothing was done\n" >&2; exit 1; fi' EXIT
 #
 # install.sh: install synchook, the guest agent for Xen Orchestra's VM sync hook,
 # as a service that runs now and after every reboot.
@@ -9,7 +14,7 @@
 #   sh install.sh --sync '...'          # offline: synchook.py beside install.sh
 #
 # POSIX sh (dash, busybox ash). Everything is in functions and the last line calls
-# main: a download cut short defines functions and runs nothing.
+# main: a download cut short defines functions, runs nothing, and exits 1.
 #
 # Every option also reads an environment variable (handy from cloud-init):
 #   --from URL|FILE        SYNCHOOK_FROM        where synchook.py comes from
@@ -19,6 +24,8 @@
 #   --prefix DIR           SYNCHOOK_PREFIX      program in DIR/sbin (default /usr/local)
 #   --init KIND            SYNCHOOK_INIT        systemd|openrc|sysv|rc.local|none
 #   --root DIR             SYNCHOOK_ROOT        install into DIR as if it were /
+#   --python PATH          SYNCHOOK_PYTHON      the interpreter, as seen on the target
+#   --reset                SYNCHOOK_RESET=1     forget the settings of earlier runs
 #   --no-start             SYNCHOOK_NO_START=1  install, do not start
 #   --dry-run              SYNCHOOK_DRY_RUN=1   print every action, change nothing
 #   --uninstall            SYNCHOOK_UNINSTALL=1 stop and remove service and program
@@ -36,13 +43,21 @@ tls-key secret secret-file allow header-timeout max-connections runtime-dir stat
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
 CONFIG_FILE=/etc/synchook.conf
 SERVICE=synchook
+PID_FILE=/run/synchook.pid
+START_LOG=/run/synchook.start   # the daemon's stderr under SysV and rc.local: its start-up lines
+FILE_LOG=/var/log/synchook.log  # where --syslog writes when there is no syslog socket
+ANSWER_WAIT=20                  # seconds a started service has to answer on its port
+# Where a Python 3 may be inside an image (--root), first found wins.
+ROOT_PYTHONS="usr/bin/python3 usr/local/bin/python3 usr/libexec/platform-python
+usr/bin/python3.13 usr/bin/python3.12 usr/bin/python3.11 usr/bin/python3.10 usr/bin/python3.9
+usr/bin/python3.8 usr/bin/python3.7 usr/bin/python3.6 bin/python3"
 
 info() { printf 'info: %s\n' "$*" >&2; }
 warn() { printf 'warn: %s\n' "$*" >&2; }
 fatal() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    cat <<'EOF'
+    cat <<'USAGE'
 Usage: install.sh [options]
 
 Installs synchook as a service, running now and at every boot.
@@ -51,16 +66,20 @@ Installs synchook as a service, running now and at every boot.
                        $SYNCHOOK_BASE_URL/synchook.py)
   --sha256 HASH        refuse to install a synchook.py with another SHA-256
   --prefix DIR         program goes to DIR/sbin/synchook (default /usr/local)
-  --init KIND          systemd, openrc, sysv, rc.local or none (default: detected)
+  --init KIND          systemd, openrc, sysv, rc.local or none (default: the kind
+                       installed before, else detected; pass it when building images)
   --root DIR           install into DIR as if it were / (implies --no-start)
+  --python PATH        the Python 3 to run synchook with, as seen on the target
+                       (default: found in --root, else on this machine)
+  --reset              start the settings from the defaults, not from the last run's
   --no-start           do not start or restart the service
   --dry-run            print every action, change nothing
   --uninstall          stop and remove the service and the program
   --purge              --uninstall, and remove /etc/synchook.conf and the state dir
   -h, --help           this help
 
-Daemon settings (written to /etc/synchook.conf, mode 0600; given any of them and
-the file is rewritten from them, given none and an existing file is kept):
+Daemon settings (written to /etc/synchook.conf, mode 0600; a setting not given keeps
+the value it had, --reset forgets them all; the new program checks them first):
   --sync CMD  --post-sync CMD  --hold CMD  --hooks-dir DIR  --timeout SEC
   --max-hold SEC  --listen ADDR  --port N  --tls auto|on|off  --tls-cert PATH
   --tls-key PATH  --secret S  --secret-file PATH  --allow LIST
@@ -68,10 +87,11 @@ the file is rewritten from them, given none and an existing file is kept):
   --log-level LEVEL
 
 Every option also reads a variable: SYNCHOOK_FROM, SYNCHOOK_SHA256, SYNCHOOK_PREFIX,
-SYNCHOOK_INIT, SYNCHOOK_ROOT, SYNCHOOK_NO_START=1, SYNCHOOK_DRY_RUN=1,
-SYNCHOOK_UNINSTALL=1, SYNCHOOK_PURGE=1, and SYNCHOOK_SYNC, SYNCHOOK_POST_SYNC, ...
-for the daemon settings (the option name in capitals, dashes as underscores).
-EOF
+SYNCHOOK_INIT, SYNCHOOK_ROOT, SYNCHOOK_PYTHON, SYNCHOOK_RESET=1, SYNCHOOK_NO_START=1,
+SYNCHOOK_DRY_RUN=1, SYNCHOOK_UNINSTALL=1, SYNCHOOK_PURGE=1, and SYNCHOOK_SYNC,
+SYNCHOOK_POST_SYNC, ... for the daemon settings (the option name in capitals, dashes
+as underscores).
+USAGE
 }
 
 # --- small helpers ---------------------------------------------------------
@@ -102,13 +122,19 @@ write_file() {
     fi
 }
 
+# remove_files PATH...: those that exist (files or links), through run.
+remove_files() {
+    for remove_path in "$@"; do
+        if [ -f "$remove_path" ] || [ -L "$remove_path" ]; then
+            run rm -f "$remove_path"
+        fi
+    done
+}
+
 have() { command -v "$1" >/dev/null 2>&1; }
 
-# sh single quotes that survive anything: ' " $ \ ` and newlines, trailing ones too.
-quote() {
-    quote_v=$(printf '%sx' "$1" | sed "s/'/'\\\\''/g")
-    printf "'%s'" "${quote_v%x}"
-}
+# A short pause; POSIX sleep takes whole seconds, most take fractions.
+nap() { sleep 0.5 2>/dev/null || sleep 1; }
 
 option_var() {
     printf 'SYNCHOOK_%s' "$(printf '%s' "$1" | tr 'a-z-' 'A-Z_')"
@@ -120,7 +146,7 @@ checksum() {
     elif have shasum; then
         shasum -a 256 "$1" | cut -d' ' -f1
     else
-        "$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
+        "$HOST_PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
     fi
 }
 
@@ -140,6 +166,8 @@ parse_args() {
     PREFIX=${SYNCHOOK_PREFIX:-/usr/local}
     INIT=${SYNCHOOK_INIT:-}
     ROOT=${SYNCHOOK_ROOT:-}
+    PYTHON=${SYNCHOOK_PYTHON:-}
+    RESET=${SYNCHOOK_RESET:-0}
     NO_START=${SYNCHOOK_NO_START:-0}
     DRY_RUN=${SYNCHOOK_DRY_RUN:-0}
     UNINSTALL=${SYNCHOOK_UNINSTALL:-0}
@@ -155,12 +183,14 @@ parse_args() {
     done
     while [ $# -gt 0 ]; do
         case $1 in
-            -h|--help) usage; exit 0 ;;
+            -h|--help) usage; MAIN_DONE=1; exit 0 ;;
             --from) need_value "$@"; FROM=$2; shift ;;
             --sha256) need_value "$@"; SHA256=$2; shift ;;
             --prefix) need_value "$@"; PREFIX=$2; shift ;;
             --init) need_value "$@"; INIT=$2; shift ;;
             --root) need_value "$@"; ROOT=$2; shift ;;
+            --python) need_value "$@"; PYTHON=$2; shift ;;
+            --reset) RESET=1 ;;
             --no-start) NO_START=1 ;;
             --dry-run) DRY_RUN=1 ;;
             --uninstall) UNINSTALL=1 ;;
@@ -180,7 +210,11 @@ parse_args() {
     [ -n "$ROOT" ] && NO_START=1
     case $INIT in ""|systemd|openrc|sysv|rc.local|none) ;;
         *) fatal "--init $INIT: must be systemd, openrc, sysv, rc.local or none" ;; esac
-    case $SHA256 in ""|*[!0-9a-fA-F]*) [ -z "$SHA256" ] || fatal "--sha256: not a hex SHA-256" ;; esac
+    if [ -n "$SHA256" ]; then
+        case $SHA256 in *[!0-9a-fA-F]*) fatal "--sha256 $SHA256: not a hexadecimal SHA-256" ;; esac
+        [ ${#SHA256} = 64 ] || fatal "--sha256: a SHA-256 is 64 hexadecimal digits, not ${#SHA256}"
+    fi
+    case $PYTHON in ""|/*) ;; *) fatal "--python $PYTHON: give the absolute path" ;; esac
     PROGRAM="$ROOT$PREFIX/sbin/synchook"
 }
 
@@ -188,24 +222,12 @@ need_value() {
     [ $# -ge 2 ] || fatal "$1 needs a value"
 }
 
-# add_setting NAME VALUE: remember one daemon setting (a later one wins).
+# add_setting NAME VALUE: remember one daemon setting (a later one wins).  It is
+# exported as SETTING_SYNCHOOK_NAME for the merge into the config file.
 add_setting() {
     add_var=$(option_var "$1")
-    eval "SETTING_$add_var=\$2"
+    eval "SETTING_$add_var=\$2; export SETTING_$add_var"
     SETTINGS_GIVEN=1
-    case $1 in timeout) TIMEOUT=$2 ;; port) PORT=$2 ;; esac
-}
-
-# The config lines, one per setting given, in a fixed order.
-settings_text() {
-    for settings_name in $DAEMON_OPTIONS; do
-        settings_var=$(option_var "$settings_name")
-        if eval "[ -n \"\${SETTING_$settings_var+set}\" ]"; then
-            settings_value=""
-            eval "settings_value=\$SETTING_$settings_var"
-            printf '%s=%s\n' "$settings_var" "$(quote "$settings_value")"
-        fi
-    done
 }
 
 is_daemon_option() {
@@ -217,39 +239,117 @@ is_daemon_option() {
 
 # --- what is there ---------------------------------------------------------
 
+python_ok() {
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 6))' 2>/dev/null
+}
+
+# HOST_PYTHON checks the program and merges the settings here; PYTHON is the
+# interpreter written into the service, as the target sees it.  They are the same
+# but for --root (an image) or --python.
 find_python() {
+    HOST_PYTHON=""
     for find_py in python3 python3.13 python3.12 python3.11 python3.10 python3.9 \
                    python3.8 python3.7 python3.6 /usr/libexec/platform-python; do
-        if have "$find_py" && "$find_py" -c 'import sys; sys.exit(sys.version_info < (3, 6))' \
-                2>/dev/null; then
+        if have "$find_py" && python_ok "$find_py"; then
             # The real binary, not a wrapper such as a pyenv shim.
-            PYTHON=$("$find_py" -c 'import sys; print(sys.executable)') && [ -n "$PYTHON" ] \
-                && return 0
+            HOST_PYTHON=$("$find_py" -c 'import sys; print(sys.executable)') \
+                && [ -n "$HOST_PYTHON" ] && break
+            HOST_PYTHON=""
         fi
     done
-    fatal "synchook needs Python 3.6 or newer, and none was found. Install it with:
+    if [ -z "$HOST_PYTHON" ]; then
+        if [ -n "$ROOT" ]; then
+            fatal "install.sh needs a Python 3.6 or newer on this machine too, to check synchook.py before it goes into $ROOT"
+        fi
+        fatal "synchook needs Python 3.6 or newer, and none was found. Install it with:
   Debian/Ubuntu:     apt-get install -y python3
   RHEL/Alma/Rocky:   dnf install -y python3   (RHEL 7: yum install -y python3)
   Alpine:            apk add python3
   SUSE:              zypper install -y python3"
+    fi
+    if [ -n "$PYTHON" ]; then
+        if [ -n "$ROOT" ] && [ ! -e "$ROOT$PYTHON" ]; then
+            warn "--python $PYTHON: not in $ROOT (yet?); the service will run it as given"
+        elif [ -z "$ROOT" ] && ! python_ok "$PYTHON"; then
+            fatal "--python $PYTHON: not a Python 3.6 or newer"
+        fi
+    elif [ -n "$ROOT" ]; then
+        for find_rel in $ROOT_PYTHONS; do
+            if [ -e "$ROOT/$find_rel" ] || [ -L "$ROOT/$find_rel" ]; then
+                PYTHON="/$find_rel"
+                break
+            fi
+        done
+        [ -n "$PYTHON" ] || fatal "no Python 3 in $ROOT (looked for $(printf '%s' "$ROOT_PYTHONS" | tr '\n' ' ')): install python3 into the image first, or pass --python PATH (the interpreter's path inside the image)"
+        info "Python in $ROOT: $PYTHON"
+    else
+        PYTHON=$HOST_PYTHON
+    fi
+}
+
+# The kind of service an earlier run installed, if any.
+installed_kind() {
+    if [ -f "$ROOT/etc/systemd/system/$SERVICE.service" ]; then
+        printf systemd
+    elif [ -f "$ROOT/etc/init.d/synchook" ] && head -n 1 "$ROOT/etc/init.d/synchook" | grep -q openrc-run; then
+        printf openrc
+    elif [ -f "$ROOT/etc/init.d/synchook" ] || [ -f "$ROOT/etc/init.d/S99synchook" ]; then
+        printf sysv
+    elif [ -f "$ROOT/etc/rc.local" ] && grep -q '^# BEGIN synchook ' "$ROOT/etc/rc.local"; then
+        printf rc.local
+    fi
+}
+
+# Does this busybox/Buildroot rcS run every /etc/init.d/S??* script?
+rcs_runs_s_scripts() {
+    [ -f "$ROOT/etc/init.d/rcS" ] && grep -qF 'S??*' "$ROOT/etc/init.d/rcS" 2>/dev/null
+}
+
+has_rc_dirs() {
+    for has_dir in "$ROOT"/etc/rc[0-6].d; do
+        [ -d "$has_dir" ] && return 0
+    done
+    return 1
 }
 
 detect_init() {
-    [ -n "$INIT" ] && return 0
-    if [ -d "$ROOT/run/systemd/system" ]; then
-        INIT=systemd            # sd_booted(3): systemd is PID 1
-    elif have openrc-run || [ -x "$ROOT/sbin/openrc-run" ]; then
-        INIT=openrc
-    elif [ -d "$ROOT/etc/init.d" ]; then
-        INIT=sysv
+    INSTALLED_KIND=$(installed_kind)
+    if [ -n "$INIT" ]; then
+        INIT_WHY="--init"
+    elif [ -n "$INSTALLED_KIND" ]; then
+        INIT=$INSTALLED_KIND
+        INIT_WHY="installed as $INIT before; --init KIND changes it"
+    elif [ -n "$ROOT" ]; then
+        # An image on disk: judge by its files (run/systemd/system exists only at run time).
+        if [ -x "$ROOT/lib/systemd/systemd" ] || [ -x "$ROOT/usr/lib/systemd/systemd" ] \
+                || [ -d "$ROOT/run/systemd/system" ]; then
+            INIT=systemd; INIT_WHY="$ROOT has lib/systemd/systemd"
+        elif [ -x "$ROOT/sbin/openrc-run" ] || [ -x "$ROOT/usr/sbin/openrc-run" ]; then
+            INIT=openrc; INIT_WHY="$ROOT has sbin/openrc-run"
+        elif rcs_runs_s_scripts; then
+            INIT=sysv; INIT_WHY="$ROOT/etc/init.d/rcS runs S??* scripts (Buildroot, busybox)"
+        elif has_rc_dirs; then
+            INIT=sysv; INIT_WHY="$ROOT has etc/rc?.d"
+        elif [ -d "$ROOT/etc/init.d" ]; then
+            INIT=sysv; INIT_WHY="$ROOT has etc/init.d"
+        else
+            INIT=rc.local; INIT_WHY="$ROOT has no other init system's files"
+        fi
+    elif [ -d /run/systemd/system ]; then
+        INIT=systemd; INIT_WHY="systemd is running (/run/systemd/system)"
+    elif have openrc-run || [ -x /sbin/openrc-run ]; then
+        INIT=openrc; INIT_WHY="openrc-run exists"
+    elif [ -d /etc/init.d ]; then
+        INIT=sysv; INIT_WHY="/etc/init.d exists"
     else
-        INIT=rc.local
+        INIT=rc.local; INIT_WHY="no other init system found"
     fi
+    info "service kind: $INIT ($INIT_WHY)"
 }
 
 # Buildroot and busybox systems run /etc/init.d/S??* from rcS.
 sysv_script() {
-    if [ -f "$ROOT/etc/init.d/rcS" ] && grep -q 'S\?\?\*' "$ROOT/etc/init.d/rcS" 2>/dev/null; then
+    if rcs_runs_s_scripts; then
         printf '%s' "$ROOT/etc/init.d/S99synchook"
     else
         printf '%s' "$ROOT/etc/init.d/synchook"
@@ -274,7 +374,7 @@ fetch() {
     elif have wget; then
         wget -q -O "$2" "$1"
     else
-        "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$1" "$2"
+        "$HOST_PYTHON" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$1" "$2"
     fi
 }
 
@@ -290,7 +390,6 @@ get_program() {
         FROM="${get_base%/}/synchook.py"
     fi
     WORK=$(mktemp -d 2>/dev/null || mktemp -d -t synchook) || fatal "cannot create a temporary directory"
-    trap 'rm -rf "$WORK"' EXIT
     case $FROM in
         http://*|https://*)
             info "downloading $FROM"
@@ -304,35 +403,88 @@ get_program() {
         [ "$get_sum" = "$(printf '%s' "$SHA256" | tr 'A-F' 'a-f')" ] \
             || fatal "SHA-256 mismatch for $FROM: expected $SHA256, got $get_sum; nothing installed"
     fi
-    "$PYTHON" -c 'import ast, sys; ast.parse(open(sys.argv[1], "rb").read())' "$WORK/synchook.py" 2>/dev/null \
+    "$HOST_PYTHON" -c 'import ast, sys; ast.parse(open(sys.argv[1], "rb").read())' "$WORK/synchook.py" 2>/dev/null \
         || fatal "$FROM is not a Python program (truncated download?); nothing installed"
-    VERSION=$("$PYTHON" -I -S "$WORK/synchook.py" --version 2>/dev/null) || VERSION=""
+    VERSION=$("$HOST_PYTHON" -I -S "$WORK/synchook.py" --version 2>/dev/null) || VERSION=""
     case $VERSION in
         "synchook "*) ;;
-        *) fatal "$FROM does not answer --version with $PYTHON (truncated?); nothing installed" ;;
+        *) fatal "$FROM does not answer --version with $HOST_PYTHON (truncated?); nothing installed" ;;
     esac
 }
+
+# --- the settings ----------------------------------------------------------
+
+# The new config in $WORK/synchook.conf: the settings given now, over those of the
+# existing file (unless --reset), read with synchook's own parser and written with
+# sh quoting it reads back.  What changed goes to $WORK/changes, the values the
+# service will use for port, address and TLS to $WORK/port, listen, tls, secret.
+merge_settings() {
+    "$HOST_PYTHON" -I -S - "$WORK" "$ROOT$CONFIG_FILE" "$RESET" "$SETTINGS_GIVEN" <<'PY' \
+        || fatal "cannot merge the settings (see above); nothing installed"
+import os, sys
+work, existing, reset, given_any = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
+sys.path.insert(0, work)
+import synchook
+old = {}
+if os.path.isfile(existing):
+    try:
+        old = {name: value for name, (value, _) in synchook.read_config_file(existing).items()}
+    except synchook.ConfigError as err:
+        sys.exit("error: cannot read the existing %s: %s (fix it, or pass --reset)" % (existing, err))
+keep = {} if reset else old
+lines, changes, final = [], [], {}
+for opt in synchook.OPTIONS:
+    name = opt.env
+    given = os.environ.get("SETTING_" + name)
+    if given is not None:
+        final[name] = given
+        if name not in old:
+            changes.append("set %s" % name)
+        elif old[name] != given:
+            changes.append("changed %s" % name)
+    elif name in keep:
+        final[name] = keep[name]
+    elif name in old:
+        changes.append("dropped %s (--reset)" % name)
+    if name in final:
+        lines.append("%s='%s'" % (name, final[name].replace("'", "'\\''")))
+with open(os.path.join(work, "synchook.conf"), "w") as out:
+    out.write("# synchook settings, read by synchook --config (parsed with sh quoting, never run).\n"
+              "# Written by install.sh; see synchook --help for every SYNCHOOK_* name.\n")
+    out.write("".join(line + "\n" for line in lines))
+with open(os.path.join(work, "changes"), "w") as out:
+    out.write("".join(line + "\n" for line in changes))
+effective = {o.env: final.get(o.env, o.default) for o in synchook.OPTIONS}
+for name, key in (("port", "SYNCHOOK_PORT"), ("listen", "SYNCHOOK_LISTEN"),
+                  ("tls", "SYNCHOOK_TLS"), ("timeout", "SYNCHOOK_TIMEOUT")):
+    with open(os.path.join(work, name), "w") as out:
+        out.write(effective[key] or "")
+with open(os.path.join(work, "secret"), "w") as out:
+    out.write("yes" if effective["SYNCHOOK_SECRET"] or effective["SYNCHOOK_SECRET_FILE"] else "")
+PY
+    # The new program judges the new settings before anything is written.
+    if ! merge_check=$("$HOST_PYTHON" -I -S "$WORK/synchook.py" check --parse-only \
+            --config "$WORK/synchook.conf" 2>&1); then
+        fatal "the settings are not valid, nothing installed: $(printf '%s' "$merge_check" \
+            | tail -n 1 | sed "s|$WORK/synchook.conf line [0-9]*: ||")"
+    fi
+    while read -r merge_change; do
+        info "$merge_change"
+    done <"$WORK/changes"
+}
+
+effective() { cat "$WORK/$1" 2>/dev/null; }
 
 install_program() {
     { printf '#!%s -IS\n' "$PYTHON"; sed '1{/^#!/d;}' "$WORK/synchook.py"; } | write_file "$PROGRAM" 0755
 }
 
 install_config() {
-    if [ "$SETTINGS_GIVEN" = 0 ] && [ -f "$ROOT$CONFIG_FILE" ]; then
+    if [ "$SETTINGS_GIVEN" = 0 ] && [ "$RESET" != 1 ] && [ -f "$ROOT$CONFIG_FILE" ]; then
         info "keeping $CONFIG_FILE (no settings given)"
         return 0
     fi
-    [ -f "$ROOT$CONFIG_FILE" ] && info "rewriting $CONFIG_FILE from the settings given"
-    {
-        printf '# synchook settings, read by synchook --config (parsed with sh quoting, never run).\n'
-        printf '# Written by install.sh; see synchook --help for every SYNCHOOK_* name.\n'
-        settings_text
-    } | write_file "$ROOT$CONFIG_FILE" 0600
-}
-
-config_value() {
-    [ -f "$ROOT$CONFIG_FILE" ] || return 0
-    sed -n "s/^$1='\\([^']*\\)'\$/\\1/p" "$ROOT$CONFIG_FILE" | tail -n 1
+    write_file "$ROOT$CONFIG_FILE" 0600 <"$WORK/synchook.conf"
 }
 
 # --- services --------------------------------------------------------------
@@ -341,9 +493,14 @@ daemon_command() {
     printf '%s -I -S %s --config %s' "$PYTHON" "$PREFIX/sbin/synchook" "$CONFIG_FILE"
 }
 
+stop_wait() {
+    stop_timeout=$(effective timeout | sed 's/\..*//')
+    case $stop_timeout in ''|*[!0-9]*) stop_timeout=55 ;; esac
+    printf '%s' $(( stop_timeout * 2 + 30 ))
+}
+
 systemd_unit() {
-    stop_timeout=$(( ${TIMEOUT_INT:-55} * 2 + 30 ))
-    cat <<EOF
+    cat <<UNIT
 [Unit]
 Description=synchook: Xen Orchestra VM sync hook agent
 After=network-online.target
@@ -357,7 +514,7 @@ RestartSec=2
 # On stop synchook lets a running hook finish, then runs the post command if a
 # window is open: give it longer than two hook timeouts. KillMode=mixed sends
 # SIGTERM to synchook alone, so a running post command is not killed under it.
-TimeoutStopSec=$stop_timeout
+TimeoutStopSec=$(stop_wait)
 KillMode=mixed
 # Hardening that leaves the real mounts visible: hooks run fsfreeze, which needs
 # CAP_SYS_ADMIN and the very mounts ProtectSystem, ProtectHome, PrivateTmp,
@@ -368,11 +525,11 @@ ProtectClock=yes
 
 [Install]
 WantedBy=multi-user.target
-EOF
+UNIT
 }
 
 openrc_script() {
-    cat <<EOF
+    cat <<OPENRC
 #!/sbin/openrc-run
 # synchook: Xen Orchestra VM sync hook agent (written by install.sh)
 name="synchook"
@@ -382,18 +539,27 @@ command_args="-I -S $PREFIX/sbin/synchook --config $CONFIG_FILE --syslog"
 supervisor=supervise-daemon
 pidfile="/run/\${RC_SVCNAME}.pid"
 respawn_delay=2
+# synchook's start-up lines (and a failed start's error); later lines go to syslog,
+# or to $FILE_LOG where there is no syslog socket
+output_log="$FILE_LOG"
+error_log="$FILE_LOG"
 # let a running hook and the post command finish before SIGKILL
-retry="TERM/$(( ${TIMEOUT_INT:-55} * 2 + 30 ))/KILL/5"
+retry="TERM/$(stop_wait)/KILL/5"
 
 depend() {
     need net
     use logger
 }
-EOF
+
+start_pre() {
+    # a bad setting is shown here, on the terminal, not only in the log
+    "\$command" -I -S $PREFIX/sbin/synchook check --parse-only --syslog --config $CONFIG_FILE >/dev/null
+}
+OPENRC
 }
 
 sysv_script_text() {
-    cat <<EOF
+    cat <<SYSV
 #!/bin/sh
 ### BEGIN INIT INFO
 # Provides:          synchook
@@ -409,8 +575,9 @@ sysv_script_text() {
 PYTHON="$PYTHON"
 PROGRAM="$PREFIX/sbin/synchook"
 CONFIG="$CONFIG_FILE"
-PIDFILE=/run/synchook.pid
-STOP_WAIT=$(( ${TIMEOUT_INT:-55} * 2 + 30 ))
+PIDFILE=$PID_FILE
+STARTLOG=$START_LOG
+STOP_WAIT=$(stop_wait)
 
 running() {
     [ -f "\$PIDFILE" ] && kill -0 "\$(cat "\$PIDFILE")" 2>/dev/null
@@ -418,10 +585,22 @@ running() {
 
 start() {
     if running; then echo "synchook is already running"; return 0; fi
-    "\$PYTHON" -I -S "\$PROGRAM" --config "\$CONFIG" --syslog </dev/null >/dev/null 2>&1 &
+    # Until it listens, synchook copies its log lines to stderr, kept in STARTLOG:
+    # a failed start's own error line (a bad setting, a port in use) is shown here.
+    "\$PYTHON" -I -S "\$PROGRAM" --config "\$CONFIG" --syslog </dev/null >/dev/null 2>"\$STARTLOG" &
     echo \$! > "\$PIDFILE"
-    sleep 1
-    if running; then echo "synchook started"; else echo "synchook failed to start (see syslog)"; return 1; fi
+    waited=0
+    while [ \$waited -lt 40 ]; do
+        if ! running; then
+            echo "synchook failed to start:"; cat "\$STARTLOG"; rm -f "\$PIDFILE"; return 1
+        fi
+        if grep -q ' listening on ' "\$STARTLOG" 2>/dev/null; then
+            echo "synchook started"; return 0
+        fi
+        sleep 0.5 2>/dev/null || sleep 1
+        waited=\$((waited + 1))
+    done
+    echo "synchook started but is not listening after 20 s:"; cat "\$STARTLOG"; return 1
 }
 
 stop() {
@@ -446,15 +625,19 @@ case "\$1" in
         echo "synchook is not running"; exit 3 ;;
     *) echo "Usage: \$0 {start|stop|restart|status}"; exit 2 ;;
 esac
-EOF
+SYSV
 }
 
 RC_BEGIN="# BEGIN synchook (managed by install.sh; removed by install.sh --uninstall)"
 RC_END="# END synchook"
 
+rc_local_start() {
+    printf '%s --syslog </dev/null >/dev/null 2>%s &\necho $! > %s' \
+        "$(daemon_command)" "$START_LOG" "$PID_FILE"
+}
+
 rc_local_block() {
-    printf '%s\n%s --syslog </dev/null >/dev/null 2>&1 &\necho $! > /run/synchook.pid\n%s\n' \
-        "$RC_BEGIN" "$(daemon_command)" "$RC_END"
+    printf '%s\n%s\n%s\n' "$RC_BEGIN" "$(rc_local_start)" "$RC_END"
 }
 
 # rc.local without our block (also used by --uninstall).
@@ -480,8 +663,6 @@ install_rc_local() {
 }
 
 install_service() {
-    TIMEOUT_INT=$(printf '%s' "${TIMEOUT:-$(config_value SYNCHOOK_TIMEOUT)}" | sed 's/\..*//')
-    case $TIMEOUT_INT in ''|*[!0-9]*) TIMEOUT_INT=55 ;; esac
     case $INIT in
         systemd)
             systemd_unit | write_file "$(service_file)" 0644
@@ -490,7 +671,7 @@ install_service() {
                 run ln -sf "/etc/systemd/system/$SERVICE.service" \
                     "$ROOT/etc/systemd/system/multi-user.target.wants/$SERVICE.service"
             else
-                run systemctl daemon-reload
+                run systemctl daemon-reload || fatal "systemctl daemon-reload failed: is systemd running? (else pass --init KIND)"
                 run systemctl enable "$SERVICE" >/dev/null 2>&1 || warn "systemctl enable failed"
             fi ;;
         openrc)
@@ -510,107 +691,199 @@ install_service() {
     esac
 }
 
+# Start links in rc?.d, by the distribution's tool where it has one, else by hand.
 enable_sysv() {
     case $(sysv_script) in */S99synchook) return 0 ;; esac     # rcS runs it
-    if [ -n "$ROOT" ]; then
+    if [ -z "$ROOT" ] && have update-rc.d; then
+        run update-rc.d synchook defaults >/dev/null
+    elif [ -z "$ROOT" ] && have chkconfig; then
+        run chkconfig --add synchook
+    elif has_rc_dirs; then
         for enable_level in 2 3 4 5; do
             [ -d "$ROOT/etc/rc$enable_level.d" ] && run ln -sf ../init.d/synchook "$ROOT/etc/rc$enable_level.d/S90synchook"
         done
         for enable_level in 0 1 6; do
             [ -d "$ROOT/etc/rc$enable_level.d" ] && run ln -sf ../init.d/synchook "$ROOT/etc/rc$enable_level.d/K10synchook"
         done
-        return 0
-    fi
-    if have update-rc.d; then
-        run update-rc.d synchook defaults >/dev/null
-    elif have chkconfig; then
-        run chkconfig --add synchook
-    elif have rc-update; then
-        run rc-update add synchook default
     else
-        warn "no update-rc.d, chkconfig or rc-update: start /etc/init.d/synchook at boot yourself"
+        warn "no update-rc.d, no chkconfig, no /etc/rc?.d: nothing will start /etc/init.d/synchook at boot (add it to your boot scripts, or pass --init rc.local)"
     fi
 }
 
 start_service() {
     case $INIT in
-        systemd) run systemctl restart "$SERVICE" ;;
-        openrc) run rc-service "$SERVICE" restart ;;
-        sysv) run "$(sysv_script)" restart ;;
+        systemd) run systemctl restart "$SERVICE" \
+            || fatal "systemctl restart $SERVICE failed: $(service_log)" ;;
+        openrc) run rc-service "$SERVICE" restart \
+            || fatal "rc-service $SERVICE restart failed: $(service_log)" ;;
+        sysv) run "$(sysv_script)" restart || fatal "$(sysv_script) restart failed: $(service_log)" ;;
         rc.local)
             stop_rc_local
-            run sh -c "$(daemon_command) --syslog </dev/null >/dev/null 2>&1 & echo \$! > /run/synchook.pid" ;;
+            run sh -c "$(rc_local_start)" ;;
         none) return 0 ;;
     esac
 }
 
 stop_rc_local() {
-    if [ -f /run/synchook.pid ] && kill -0 "$(cat /run/synchook.pid)" 2>/dev/null; then
-        run kill -TERM "$(cat /run/synchook.pid)"
+    if [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+        run kill -TERM "$(cat "$PID_FILE")"
         stop_waited=0
-        while [ "$DRY_RUN" != 1 ] && kill -0 "$(cat /run/synchook.pid)" 2>/dev/null \
-                && [ $stop_waited -lt 150 ]; do
-            sleep 1; stop_waited=$((stop_waited + 1))
+        while [ "$DRY_RUN" != 1 ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null \
+                && [ $stop_waited -lt 300 ]; do
+            nap; stop_waited=$((stop_waited + 1))
         done
     fi
 }
 
-# Does the port take connections?  (A TCP connect, never a /sync.)  $1: tries
-check_listening() {
-    check_max=${1:-20}
-    check_port=${PORT:-$(config_value SYNCHOOK_PORT)}
-    check_port=${check_port:-1727}
-    check_host=$(config_value SYNCHOOK_LISTEN)
-    case $check_host in ""|"::"|"0.0.0.0") check_host=127.0.0.1 ;; esac
-    check_tries=0
-    while [ $check_tries -lt "$check_max" ]; do
-        if "$PYTHON" -c 'import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()' \
-                "$check_host" "$check_port" 2>/dev/null; then
-            info "synchook is listening on port $check_port"
+# Is synchook itself answering on its port?  Any HTTP answer whose Server header
+# is synchook's (a 404 for a path that runs nothing; never /sync).
+synchook_answers() {
+    answers_host=$(effective listen)
+    case $answers_host in ""|"::"|"0.0.0.0") answers_host=127.0.0.1 ;; esac
+    "$HOST_PYTHON" -I -S - "$answers_host" "$(effective port)" "$(effective tls)" <<'PY' 2>/dev/null
+import http.client, ssl, sys
+host, port, tls = sys.argv[1].strip("[]"), int(sys.argv[2] or 1727), sys.argv[3]
+if tls == "on":
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(host, port, timeout=2, context=context)
+else:
+    conn = http.client.HTTPConnection(host, port, timeout=2)
+conn.request("GET", "/synchook-install-check")
+sys.exit(0 if conn.getresponse().getheader("Server", "").startswith("synchook/") else 1)
+PY
+}
+
+# After a start: synchook must answer within ANSWER_WAIT seconds, else its own
+# error lines are shown and install.sh fails.
+wait_answering() {
+    wait_tries=0
+    while [ $wait_tries -lt $((ANSWER_WAIT * 2)) ]; do
+        if synchook_answers; then
+            info "synchook is listening on port $(effective port)"
             return 0
         fi
-        sleep 0.5 2>/dev/null || sleep 1
-        check_tries=$((check_tries + 1))
+        nap
+        wait_tries=$((wait_tries + 1))
     done
-    warn "synchook does not answer on port $check_port yet: check the logs ($(log_hint))"
-    return 1
+    fatal "synchook does not answer on port $(effective port) after $ANSWER_WAIT s. Its log:
+$(service_log)"
+}
+
+# The daemon's own last lines, wherever this kind of service keeps them.
+service_log() {
+    case $INIT in
+        systemd) journalctl -u "$SERVICE" -n 5 --no-pager -o cat 2>/dev/null \
+            || printf '(see journalctl -u %s)' "$SERVICE" ;;
+        openrc) tail -n 5 "$FILE_LOG" 2>/dev/null ;;
+        *) cat "$START_LOG" 2>/dev/null ;;
+    esac
 }
 
 log_hint() {
     case $INIT in
         systemd) printf 'journalctl -u synchook' ;;
-        openrc|sysv|rc.local) printf 'syslog: /var/log/messages, /var/log/syslog or logread' ;;
+        openrc|sysv|rc.local) printf 'syslog (/var/log/messages, /var/log/syslog or logread); %s where there is no syslog daemon' "$FILE_LOG" ;;
         *) printf 'stderr of synchook' ;;
     esac
 }
 
 summary() {
-    summary_port=${PORT:-$(config_value SYNCHOOK_PORT)}
-    summary_tls=$(config_value SYNCHOOK_TLS)
-    if grep -q '^SYNCHOOK_SECRET' "$ROOT$CONFIG_FILE" 2>/dev/null; then
+    summary_port=$(effective port)
+    if [ -n "$(effective secret)" ]; then
         summary_tag="xo:notify-on-snapshot=https://<VM address>:${summary_port:-1727}/?token=<your secret>"
-    elif [ "${summary_port:-1727}" = 1727 ] && [ "$summary_tls" != off ]; then
+    elif [ "${summary_port:-1727}" = 1727 ] && [ "$(effective tls)" != off ]; then
         summary_tag="xo:notify-on-snapshot"
-    elif [ "$summary_tls" = off ]; then
+    elif [ "$(effective tls)" = off ]; then
         summary_tag="xo:notify-on-snapshot=http://<VM address>:${summary_port:-1727}/"
     else
         summary_tag="xo:notify-on-snapshot=https://<VM address>:$summary_port/"
     fi
     summary_what="installed"
     [ "$DRY_RUN" = 1 ] && summary_what="would be installed (dry run: nothing changed)"
-    cat <<EOF
+    summary_changes=$(tr '\n' ',' <"$WORK/changes" | sed 's/,$//; s/,/, /g')
+    cat <<SUMMARY
 
 synchook $summary_what ($VERSION)
   program:  $PROGRAM (Python: $PYTHON)
   config:   $ROOT$CONFIG_FILE (mode 0600; change it, then restart the service)
+  settings: ${summary_changes:-unchanged}
   service:  $INIT${ROOT:+ (in $ROOT, not started)}
   logs:     $(log_hint)
   XO tag:   $summary_tag
   try it:   $PREFIX/sbin/synchook check --config $CONFIG_FILE
-EOF
+SUMMARY
 }
 
-# --- uninstall -------------------------------------------------------------
+# --- removing --------------------------------------------------------------
+
+# remove_launcher KIND: stop synchook as KIND runs it (on a live system) and
+# remove KIND's files.  Used by --uninstall, and when --init changes the kind.
+remove_launcher() {
+    case $1 in
+        systemd)
+            if [ -z "$ROOT" ] && have systemctl && [ -d /run/systemd/system ]; then
+                run systemctl disable --now "$SERVICE" >/dev/null 2>&1
+            fi
+            remove_files "$ROOT/etc/systemd/system/$SERVICE.service" \
+                "$ROOT/etc/systemd/system/multi-user.target.wants/$SERVICE.service"
+            if [ -z "$ROOT" ] && have systemctl && [ -d /run/systemd/system ]; then
+                run systemctl daemon-reload
+            fi ;;
+        openrc)
+            [ -f "$ROOT/etc/init.d/synchook" ] && head -n 1 "$ROOT/etc/init.d/synchook" | grep -q openrc-run || return 0
+            if [ -z "$ROOT" ] && have rc-service; then
+                run rc-service "$SERVICE" stop
+                run rc-update del "$SERVICE" default >/dev/null 2>&1
+            fi
+            remove_files "$ROOT/etc/init.d/$SERVICE" "$ROOT/etc/runlevels/default/$SERVICE" ;;
+        sysv)
+            for remove_script in "$ROOT/etc/init.d/synchook" "$ROOT/etc/init.d/S99synchook"; do
+                if [ ! -f "$remove_script" ] || ! grep -q 'BEGIN INIT INFO' "$remove_script"; then
+                    continue
+                fi
+                [ -z "$ROOT" ] && run "$remove_script" stop
+                remove_files "$remove_script"
+            done
+            if [ -z "$ROOT" ] && have update-rc.d; then
+                run update-rc.d -f synchook remove >/dev/null 2>&1
+            elif [ -z "$ROOT" ] && have chkconfig; then
+                run chkconfig --del synchook >/dev/null 2>&1
+            fi
+            remove_files "$ROOT"/etc/rc?.d/[SK][0-9][0-9]synchook ;;
+        rc.local)
+            [ -z "$ROOT" ] && stop_rc_local
+            if [ -f "$ROOT/etc/rc.local" ] && grep -q '^# BEGIN synchook ' "$ROOT/etc/rc.local"; then
+                if [ "$(rc_local_without_block | sed '/^[[:space:]]*$/d')" = '#!/bin/sh' ]; then
+                    run rm -f "$ROOT/etc/rc.local"          # we made it; nothing else is in it
+                else
+                    rc_local_without_block | write_file "$ROOT/etc/rc.local" 0755
+                fi
+            fi ;;
+    esac
+    return 0
+}
+
+# Every launcher but KEEP's (all of them when KEEP is empty).
+remove_launchers() {
+    for remove_kind in systemd openrc sysv rc.local; do
+        [ "$remove_kind" = "$1" ] && continue
+        [ "$remove_kind" = "$(installed_kind_of "$remove_kind")" ] || continue
+        info "removing the $remove_kind service of an earlier install"
+        remove_launcher "$remove_kind"
+    done
+}
+
+# installed_kind_of KIND: prints KIND if its launcher is there.
+installed_kind_of() {
+    case $1 in
+        systemd) [ -f "$ROOT/etc/systemd/system/$SERVICE.service" ] ;;
+        openrc) [ -f "$ROOT/etc/init.d/synchook" ] && head -n 1 "$ROOT/etc/init.d/synchook" | grep -q openrc-run ;;
+        sysv) { [ -f "$ROOT/etc/init.d/synchook" ] && grep -q 'BEGIN INIT INFO' "$ROOT/etc/init.d/synchook"; } \
+            || [ -f "$ROOT/etc/init.d/S99synchook" ] ;;
+        rc.local) [ -f "$ROOT/etc/rc.local" ] && grep -q '^# BEGIN synchook ' "$ROOT/etc/rc.local" ;;
+    esac && printf '%s' "$1"
+}
 
 # The program a service file runs (it may have been installed with another --prefix).
 installed_program() {
@@ -627,53 +900,18 @@ installed_program() {
 
 uninstall() {
     uninstall_program=$(installed_program)
-    if [ -z "$ROOT" ]; then
-        if have systemctl && [ -f "/etc/systemd/system/$SERVICE.service" ]; then
-            run systemctl disable --now "$SERVICE" >/dev/null 2>&1
-        fi
-        if have rc-service && [ -f "/etc/init.d/$SERVICE" ] && head -n 1 "/etc/init.d/$SERVICE" | grep -q openrc-run; then
-            run rc-service "$SERVICE" stop
-            run rc-update del "$SERVICE" default >/dev/null 2>&1
-        fi
-        for uninstall_script in /etc/init.d/synchook /etc/init.d/S99synchook; do
-            if [ -f "$uninstall_script" ] && grep -q 'BEGIN INIT INFO' "$uninstall_script"; then
-                run "$uninstall_script" stop
-            fi
-        done
-        if have update-rc.d && [ -f /etc/init.d/synchook ]; then
-            run update-rc.d -f synchook remove >/dev/null 2>&1
-        elif have chkconfig && [ -f /etc/init.d/synchook ]; then
-            run chkconfig --del synchook
-        fi
-        stop_rc_local
-        [ -f /run/synchook.pid ] && run rm -f /run/synchook.pid
-    fi
-    for uninstall_file in "$ROOT/etc/systemd/system/$SERVICE.service" \
-            "$ROOT/etc/systemd/system/multi-user.target.wants/$SERVICE.service" \
-            "$ROOT/etc/init.d/synchook" "$ROOT/etc/init.d/S99synchook" \
-            "$ROOT/etc/runlevels/default/synchook" \
-            "$ROOT"/etc/rc?.d/[SK][0-9][0-9]synchook "$PROGRAM" "$uninstall_program"; do
-        if [ -f "$uninstall_file" ] || [ -L "$uninstall_file" ]; then
-            run rm -f "$uninstall_file"
-        fi
-    done
-    if [ -f "$ROOT/etc/rc.local" ] && grep -q '^# BEGIN synchook ' "$ROOT/etc/rc.local"; then
-        if [ "$(rc_local_without_block | sed '/^[[:space:]]*$/d')" = '#!/bin/sh' ]; then
-            run rm -f "$ROOT/etc/rc.local"          # we made it; nothing else is in it
-        else
-            rc_local_without_block | write_file "$ROOT/etc/rc.local" 0755
-        fi
-    fi
-    if [ -z "$ROOT" ] && have systemctl && [ -d /run/systemd/system ]; then
-        run systemctl daemon-reload
-    fi
+    remove_launchers ""
+    remove_files "$PROGRAM" "$uninstall_program"
+    [ -z "$ROOT" ] && remove_files "$PID_FILE" "$START_LOG"
+    uninstall_done="removed"
+    [ "$DRY_RUN" = 1 ] && uninstall_done="would remove (dry run: nothing changed)"
     if [ "$PURGE" = 1 ]; then
-        uninstall_state=$(config_value SYNCHOOK_STATE_DIR)
+        uninstall_state=$(sed -n "s/^SYNCHOOK_STATE_DIR=//p" "$ROOT$CONFIG_FILE" 2>/dev/null | tail -n 1 | tr -d "'")
         uninstall_state=${uninstall_state:-/var/lib/synchook}
         run rm -rf "$ROOT$CONFIG_FILE" "$ROOT$uninstall_state"
-        info "removed synchook, its configuration and $uninstall_state"
+        info "$uninstall_done synchook, its configuration and $uninstall_state"
     else
-        info "removed synchook (kept $CONFIG_FILE; --purge removes it)"
+        info "$uninstall_done synchook (kept $CONFIG_FILE; --purge removes it)"
     fi
 }
 
@@ -686,12 +924,15 @@ main() {
     fi
     if [ "$UNINSTALL" = 1 ]; then
         uninstall
+        MAIN_DONE=1
         return 0
     fi
     find_python
     detect_init
     get_program
+    merge_settings                       # checked by the new program: nothing written yet
     before=$(fingerprint)
+    remove_launchers "$INIT"             # another kind installed before: stopped, removed
     install_program
     install_config
     install_service
@@ -699,18 +940,15 @@ main() {
     if [ "$NO_START" != 1 ] && [ "$DRY_RUN" = 1 ] && [ "$INIT" != none ]; then
         start_service                      # prints what it would run
     elif [ "$NO_START" != 1 ] && [ "$INIT" != none ]; then
-        if [ "$before" != "$after" ] || ! check_listening_quietly; then
+        if [ "$before" != "$after" ] || ! synchook_answers; then
             start_service
         else
             info "nothing changed: service left running"
         fi
-        check_listening
+        wait_answering
     fi
     summary
-}
-
-check_listening_quietly() {
-    check_listening 1 >/dev/null 2>&1
+    MAIN_DONE=1
 }
 
 main "$@"

@@ -89,6 +89,7 @@ ACCEPT_PAUSE = 0.25                # out of descriptors: accept nothing for this
 MAX_REQUESTS = 100                 # requests on one connection; then it is closed
 SHELL = "/bin/sh"
 SYSLOG_SOCKET = "/dev/log"
+SYSLOG_FALLBACK = "/var/log/synchook.log"   # --syslog with no syslog socket at start
 SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
@@ -154,14 +155,26 @@ class Log:
         self.failures = 0
         self.noise_filter = NoiseFilter()
         self.sink = StderrSink()
+        self.echo = None               # a second sink for the start-up lines
+        self.echo_until = float("inf")
         self.thread = None
 
     def start(self, level="info", syslog=False):
+        """Start the writer.  With syslog, lines also go to stderr until serving()
+        (an init script shows a failed start's own error line), and where no
+        syslog socket exists they go to SYSLOG_FALLBACK instead."""
         self.level = LEVELS[level]
         if syslog:
-            self.sink = SyslogSink()
+            self.sink = syslog_or_file()
+            self.echo = StderrSink()
         self.thread = threading.Thread(target=self._write_loop, name="log", daemon=True)
         self.thread.start()
+        if isinstance(self.sink, FileSink):
+            self.warning("no syslog socket at %s: logging to %s", SYSLOG_SOCKET, self.sink.path)
+
+    def serving(self):
+        """Start-up is over: from now on, lines go to the sink alone."""
+        self.echo_until = time.time()
 
     def debug(self, msg, *args):
         self._emit(10, msg, args)
@@ -234,6 +247,12 @@ class Log:
                     written = self.sink.write(batch)
                 finally:
                     self.dropped += len(batch) - written
+                if self.echo is not None:
+                    start_up = [item for item in batch if item[1] <= self.echo_until]
+                    if start_up:
+                        self.echo.write(start_up)
+                    else:
+                        self.echo = None
                 continue
             if self.closing:
                 return True
@@ -318,6 +337,40 @@ class StderrSink:
             return len(items)
         except OSError:
             return 0
+
+
+class FileSink:
+    """Appends to a file (--syslog with no syslog socket).  Opened by the
+    writer thread on first use, so that a file on a frozen filesystem blocks
+    that thread alone, never the start or a thaw."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+        self.stamps = StderrSink()
+        self.stamps.journal = False
+
+    def write(self, items):
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                  os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            except OSError:
+                return 0
+        data = "".join(self.stamps.line(*item) for item in items).encode("utf-8", "replace")
+        try:
+            os.write(self.fd, data)
+            return len(items)
+        except OSError:
+            return 0
+
+
+def syslog_or_file():
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode)
+    except OSError:
+        is_socket = False
+    return SyslogSink() if is_socket else FileSink(SYSLOG_FALLBACK)
 
 
 class SyslogSink:
@@ -558,11 +611,16 @@ run the sync phase and the post phase once, locally, as the daemon would, and
 report each step. Exit 0 only when all is well."""
 
 
-def build_serve_parser(prog, description=SERVE_DESCRIPTION):
+def build_serve_parser(prog, description=SERVE_DESCRIPTION, check=False):
     parser = OneLineParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=description, epilog=SERVE_EPILOG, allow_abbrev=False)
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    if check:
+        parser.add_argument("--parse-only", action="store_true",
+                            help="check the settings' syntax and values only: no file is "
+                                 "opened but the --config file, no command runs (what "
+                                 "install.sh does before it writes anything)")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for opt in OPTIONS:
         default = opt.default if opt.default is not None else "/run/synchook, per-user if not root"
@@ -711,7 +769,7 @@ def read_config_file(path):
                               "with spaces)" % (path, line, shown))
         if name not in OPTION_BY_ENV or name == "SYNCHOOK_CONFIG":
             raise ConfigError("%s line %d: unknown setting %s" % (path, line, name))
-        values[name] = (value, "%s line %d" % (path, line))
+        values[name] = (value, "%s line %d: %s" % (path, line, name))
 
 
 SKIPPED = re.compile(r"(?:\s+|#[^\n]*)*")
@@ -735,11 +793,13 @@ MUST_NOT_BE_EMPTY = {
 }
 
 
-def resolve_config(args, environ=None):
+def resolve_config(args, environ=None, check_files=True):
+    """The settings from flags, environment, --config file and defaults.
+    check_files=False (check --parse-only) checks syntax and values alone."""
     environ = os.environ if environ is None else environ
     cfg = Config()
     config_path = args.config if args.config is not None else environ.get("SYNCHOOK_CONFIG", "")
-    if config_path:
+    if config_path and check_files:
         check_trusted(config_path, "--config")
     from_file = read_config_file(config_path) if config_path else {}
     for opt in OPTIONS:
@@ -766,7 +826,7 @@ def resolve_config(args, environ=None):
         cfg.origin[opt.name] = origin
     cfg.config = config_path
     cfg.secret_from_flag = args.secret is not None
-    finish_config(cfg)
+    finish_config(cfg, check_files)
     return cfg
 
 
@@ -785,15 +845,17 @@ def read_secret_file(path):
     return data.decode("utf-8", "surrogateescape")
 
 
-def finish_config(cfg):
+def finish_config(cfg, check_files=True):
     """Checks that span several settings, and files that must be readable now."""
     if cfg.secret and cfg.secret_file:
         raise ConfigError("--secret and --secret-file are both set; choose one")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
+    if not check_files:
+        return
     if cfg.secret_file:
         check_trusted(cfg.secret_file, "--secret-file")
         cfg.secret = read_secret_file(cfg.secret_file)
-    if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
     for name in ("tls_cert", "tls_key"):
         path = getattr(cfg, name)
         if path and not os.access(path, os.R_OK):
@@ -3052,6 +3114,7 @@ def cmd_serve(cfg):
         # passes, which would otherwise add milliseconds to an unlucky request.
         gc.collect()
         gc.freeze()  # novermin
+    log.serving()
     notify_systemd("READY=1\nSTATUS=listening on port %d" % port)
     server.serve()
     notify_systemd("STOPPING=1")
@@ -3090,19 +3153,36 @@ def main(argv=None):
         return cmd_call(argv)
     prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
     description = CHECK_DESCRIPTION if command == "check" else SERVE_DESCRIPTION
-    args = build_serve_parser(prog, description).parse_args(argv)
+    args = build_serve_parser(prog, description, check=command == "check").parse_args(argv)
+    parse_only = getattr(args, "parse_only", False)
     try:
-        cfg = resolve_config(args)
+        cfg = resolve_config(args, check_files=not parse_only)
+        if parse_only:
+            print("ok   settings are valid (syntax and values; no file opened, nothing run)")
+            return 0
         log.start(cfg.log_level, cfg.syslog)
         os.chdir("/")              # no mount is kept busy by the daemon's cwd
         if command == "check":
             return cmd_check(cfg)
         return cmd_serve(cfg)
     except ConfigError as err:
-        sys.stderr.write("%s: error: %s\n" % (PROG, err))
+        line = "%s: error: %s" % (PROG, err)
+        sys.stderr.write(line + "\n")
+        if (command == "serve" or parse_only) and wants_syslog(args):
+            syslog_or_file().write([(40, time.time(), escape(line))])
         return 2
     finally:
         log.close()
+
+
+def wants_syslog(args):
+    """--syslog asked for, by flag or variable: a bad setting is reported there too."""
+    if args.syslog is not None:
+        return True
+    try:
+        return parse_bool(os.environ.get("SYNCHOOK_SYSLOG", "0"))
+    except ConfigError:
+        return False
 
 
 if __name__ == "__main__":

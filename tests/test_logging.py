@@ -61,7 +61,8 @@ def daemon_in_namespace(tmp_path, with_log, sync):
     dev, receiver = in_private_dev(tmp_path, with_log)
     port = free_port()
     log = open(str(tmp_path / "stderr"), "wb")
-    cmd = ("mount --bind %s /dev && exec %s %s --syslog --listen 127.0.0.1 --port %d "
+    cmd = ("mount --bind %s /dev && mount -t tmpfs tmpfs /var/log && "
+           "exec %s %s --syslog --listen 127.0.0.1 --port %d "
            "--tls off --runtime-dir %s --sync %s" % (dev, sys.executable, SYNCHOOK, port,
                                                      tmp_path / "run", shlex.quote(sync)))
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], stdout=log, stderr=log)
@@ -74,7 +75,7 @@ def daemon_in_namespace(tmp_path, with_log, sync):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "did not start"
                 time.sleep(0.05)
-        yield port, receiver
+        yield port, receiver, proc.pid
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
@@ -113,18 +114,19 @@ def wait_for_drops(port, timeout=10):
 
 
 def test_syslog_messages_arrive_with_priority(tmp_path):
-    with daemon_in_namespace(tmp_path, True, "exit 3") as (port, receiver):
+    with daemon_in_namespace(tmp_path, True, "exit 3") as (port, receiver, _):
         messages = read_datagrams(receiver, "listening on")
         assert http(port, "/sync")[0] == 500
         messages += read_datagrams(receiver, "GET /sync 500")
         assert any(m.startswith("<28>") and "synchook[" in m and "command failed (exit 3)" in m
                    for m in messages), messages          # daemon.warning = 3*8+4
         assert any(m.startswith("<30>") and "listening on" in m for m in messages)  # info
-        assert open(str(tmp_path / "stderr")).read() == ""    # nothing on stderr
+        stderr = open(str(tmp_path / "stderr")).read()     # start-up lines only
+        assert "listening on" in stderr and "command failed" not in stderr, stderr
 
 
 def test_syslog_full_socket_drops_and_counts(tmp_path):
-    with daemon_in_namespace(tmp_path, True, "seq 1 3000") as (port, receiver):
+    with daemon_in_namespace(tmp_path, True, "seq 1 3000") as (port, receiver, _):
         read_datagrams(receiver, "listening on")
         # Nobody reads /dev/log now: the socket fills and the daemon must not block.
         began = time.monotonic()
@@ -145,7 +147,40 @@ def test_syslog_full_socket_drops_and_counts(tmp_path):
         assert any("log lines dropped" in m for m in messages), messages[-5:]
 
 
-def test_syslog_missing_socket_does_not_stop_service(tmp_path):
-    with daemon_in_namespace(tmp_path, False, "true") as (port, _):
+def test_syslog_missing_socket_logs_to_the_fallback_file(tmp_path):
+    """Busybox guests often run no syslog daemon: --syslog then writes the file."""
+    with daemon_in_namespace(tmp_path, False, "echo from-the-hook") as (port, _, pid):
         assert http(port, "/sync") == (200, "Ok\n")
-        wait_for_drops(port)
+        path = "/proc/%d/root/var/log/synchook.log" % pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = open(path).read() if os.path.exists(path) else ""
+            if "sync| from-the-hook" in text:
+                break
+            time.sleep(0.05)
+        assert "no syslog socket at /dev/log: logging to /var/log/synchook.log" in text, text
+        assert "sync| from-the-hook" in text and "listening on" in text
+        assert json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0
+
+
+def test_syslog_start_up_lines_also_on_stderr_until_listening(tmp_path):
+    """An init script keeps stderr: a failed start's own error line is there."""
+    with daemon_in_namespace(tmp_path, True, "echo later") as (port, receiver, _):
+        read_datagrams(receiver, "listening on")
+        assert http(port, "/sync") == (200, "Ok\n")
+        read_datagrams(receiver, "sync| later")
+        stderr = open(str(tmp_path / "stderr")).read()
+        assert "listening on" in stderr and "sync| later" not in stderr, stderr
+
+
+def test_syslog_gets_a_bad_setting_too(tmp_path):
+    dev, receiver = in_private_dev(tmp_path, True)
+    try:
+        out = run(["unshare", "-m", "sh", "-c", "mount --bind %s /dev && exec %s %s --syslog "
+                   "--timeout never" % (dev, sys.executable, SYNCHOOK)])
+        assert out.returncode == 2
+        assert "--timeout never: not a number of seconds" in out.stderr
+        messages = read_datagrams(receiver, "not a number of seconds", timeout=5)
+        assert any(m.startswith("<27>") and "--timeout never" in m for m in messages), messages
+    finally:
+        receiver.close()
