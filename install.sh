@@ -26,6 +26,7 @@ trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0
 #   --root DIR             SYNCHOOK_ROOT        install into DIR as if it were /
 #   --python PATH          SYNCHOOK_PYTHON      the interpreter, as seen on the target
 #   --reset                SYNCHOOK_RESET=1     forget the settings of earlier runs
+#   --open-firewall        SYNCHOOK_OPEN_FIREWALL=1 open the port in the active firewall
 #   --no-start             SYNCHOOK_NO_START=1  install, do not start
 #   --dry-run              SYNCHOOK_DRY_RUN=1   print every action, change nothing
 #   --uninstall            SYNCHOOK_UNINSTALL=1 stop and remove service and program
@@ -72,6 +73,8 @@ Installs synchook as a service, running now and at every boot.
   --python PATH        the Python 3 to run synchook with, as seen on the target
                        (default: found in --root, else on this machine)
   --reset              start the settings from the defaults, not from the last run's
+  --open-firewall      open the port in the firewall found active (firewalld, ufw,
+                       nftables or iptables); never done unless asked
   --no-start           do not start or restart the service
   --dry-run            print every action, change nothing
   --uninstall          stop and remove the service and the program
@@ -87,7 +90,8 @@ the value it had, --reset forgets them all; the new program checks them first):
   --log-level LEVEL
 
 Every option also reads a variable: SYNCHOOK_FROM, SYNCHOOK_SHA256, SYNCHOOK_PREFIX,
-SYNCHOOK_INIT, SYNCHOOK_ROOT, SYNCHOOK_PYTHON, SYNCHOOK_RESET=1, SYNCHOOK_NO_START=1,
+SYNCHOOK_INIT, SYNCHOOK_ROOT, SYNCHOOK_PYTHON, SYNCHOOK_RESET=1,
+SYNCHOOK_OPEN_FIREWALL=1, SYNCHOOK_NO_START=1,
 SYNCHOOK_DRY_RUN=1, SYNCHOOK_UNINSTALL=1, SYNCHOOK_PURGE=1, and SYNCHOOK_SYNC,
 SYNCHOOK_POST_SYNC, ... for the daemon settings (the option name in capitals, dashes
 as underscores).
@@ -168,6 +172,7 @@ parse_args() {
     ROOT=${SYNCHOOK_ROOT:-}
     PYTHON=${SYNCHOOK_PYTHON:-}
     RESET=${SYNCHOOK_RESET:-0}
+    OPEN_FIREWALL=${SYNCHOOK_OPEN_FIREWALL:-0}
     NO_START=${SYNCHOOK_NO_START:-0}
     DRY_RUN=${SYNCHOOK_DRY_RUN:-0}
     UNINSTALL=${SYNCHOOK_UNINSTALL:-0}
@@ -191,6 +196,7 @@ parse_args() {
             --root) need_value "$@"; ROOT=$2; shift ;;
             --python) need_value "$@"; PYTHON=$2; shift ;;
             --reset) RESET=1 ;;
+            --open-firewall) OPEN_FIREWALL=1 ;;
             --no-start) NO_START=1 ;;
             --dry-run) DRY_RUN=1 ;;
             --uninstall) UNINSTALL=1 ;;
@@ -790,7 +796,10 @@ log_hint() {
 
 summary() {
     summary_port=$(effective port)
-    if [ -n "$(effective secret)" ]; then
+    if [ -z "$ROOT" ] && [ "$DRY_RUN" != 1 ] && summary_tag=$("$PYTHON" -I -S "$PROGRAM" tag \
+            --config "$CONFIG_FILE" 2>/dev/null | head -n 1) && [ -n "$summary_tag" ]; then
+        :                                  # the exact tag, from synchook tag
+    elif [ -n "$(effective secret)" ]; then
         summary_tag="xo:notify-on-snapshot=https://<VM address>:${summary_port:-1727}/?token=<your secret>"
     elif [ "${summary_port:-1727}" = 1727 ] && [ "$(effective tls)" != off ]; then
         summary_tag="xo:notify-on-snapshot"
@@ -810,9 +819,40 @@ synchook $summary_what ($VERSION)
   settings: ${summary_changes:-unchanged}
   service:  $INIT${ROOT:+ (in $ROOT, not started)}
   logs:     $(log_hint)
-  XO tag:   $summary_tag
-  try it:   $PREFIX/sbin/synchook check --config $CONFIG_FILE
+  XO tag:   $summary_tag   (all tags: $PREFIX/sbin/synchook tag --config $CONFIG_FILE)
+  see it:   $PREFIX/sbin/synchook status --config $CONFIG_FILE
 SUMMARY
+}
+
+# --- the firewall, only when asked -----------------------------------------
+
+open_firewall() {
+    fw_port=$(effective port)
+    fw_port=${fw_port:-1727}
+    if [ -n "$ROOT" ]; then
+        warn "--open-firewall: not done in an image (--root); open port $fw_port/tcp in the image's firewall configuration"
+    elif have firewall-cmd && firewall-cmd --state >/dev/null 2>&1; then
+        if ! run firewall-cmd --permanent --add-port="$fw_port/tcp" >/dev/null \
+                || ! run firewall-cmd --reload >/dev/null; then
+            fatal "firewall-cmd could not open port $fw_port/tcp"
+        fi
+        info "firewalld: port $fw_port/tcp opened (permanent)"
+    elif have ufw && ufw status 2>/dev/null | grep -q '^Status: active'; then
+        run ufw allow "$fw_port/tcp" >/dev/null || fatal "ufw could not open port $fw_port/tcp"
+        info "ufw: port $fw_port/tcp allowed"
+    elif have nft && nft list chain inet filter input >/dev/null 2>&1; then
+        run nft add rule inet filter input tcp dport "$fw_port" accept \
+            || fatal "nft could not open port $fw_port/tcp"
+        warn "nftables: rule added to inet filter input for this boot; add it to /etc/nftables.conf to keep it"
+    elif have iptables && iptables -S INPUT >/dev/null 2>&1; then
+        if ! iptables -C INPUT -p tcp --dport "$fw_port" -j ACCEPT 2>/dev/null; then
+            run iptables -I INPUT -p tcp --dport "$fw_port" -j ACCEPT \
+                || fatal "iptables could not open port $fw_port/tcp"
+        fi
+        warn "iptables: rule added for this boot; save it (iptables-save, netfilter-persistent) to keep it"
+    else
+        info "--open-firewall: no active firewall found (firewalld, ufw, nftables, iptables): nothing to open"
+    fi
 }
 
 # --- removing --------------------------------------------------------------
@@ -936,6 +976,7 @@ main() {
     install_program
     install_config
     install_service
+    [ "$OPEN_FIREWALL" = 1 ] && open_firewall
     after=$(fingerprint)
     if [ "$NO_START" != 1 ] && [ "$DRY_RUN" = 1 ] && [ "$INIT" != none ]; then
         start_service                      # prints what it would run

@@ -24,6 +24,7 @@ import base64  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
 import errno  # noqa: E402
+import fcntl  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
@@ -43,6 +44,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import socketserver  # noqa: E402
 import stat  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -577,10 +579,13 @@ GROUP_TITLES = collections.OrderedDict([
     ("files", "files"), ("logging", "logging")])
 
 SERVE_EPILOG = """\
-Commands:
+Commands (each takes --help):
   synchook.py [serve] [options]      answer XO's /sync and /post-sync (the default)
   synchook.py check [options]        run the sync then the post phase once, locally
+                                     (the real commands); --parse-only runs nothing
   synchook.py call TARGET [options]  act as XO: /sync, a pause, /post-sync
+  synchook.py tag [options]          print the XO tag for this guest
+  synchook.py status [options]       show the running daemon's /status
 
 Every option also reads its variable (shown in brackets) and the same
 SYNCHOOK_NAME=value line in --config; a flag wins over the variable, the
@@ -589,8 +594,10 @@ variable over the file, the file over the default.
 Examples:
   synchook.py --sync 'fsfreeze -f /data' --post-sync 'fsfreeze -u /data'
   SYNCHOOK_SECRET_FILE=/etc/synchook.secret synchook.py --allow 10.0.0.2
-  synchook.py check --config /etc/synchook.conf
-  synchook.py call 192.0.2.10 --secret-file /etc/synchook.secret
+  synchook.py check --parse-only --config /etc/synchook.conf
+  synchook.py tag --config /etc/synchook.conf
+  synchook.py status --config /etc/synchook.conf
+  synchook.py call 192.0.2.10 --as-xo --secret-file /etc/synchook.secret
 """
 
 
@@ -607,20 +614,37 @@ Answer Xen Orchestra's VM sync hook: run a command before a snapshot and
 another after it, and never leave the guest frozen."""
 CHECK_DESCRIPTION = """\
 Check the configuration the daemon would use (certificate, port, hooks), then
-run the sync phase and the post phase once, locally, as the daemon would, and
-report each step. Exit 0 only when all is well."""
+run the sync phase and the post phase once, locally, as the daemon would: the
+real commands (a freeze freezes). Report each step; exit 0 only when all is
+well. --parse-only checks the settings alone and runs nothing."""
+TAG_DESCRIPTION = """\
+Print the xo:notify-on-snapshot tag to set on this VM in Xen Orchestra, from
+the settings (port, TLS, secret) and this guest's addresses."""
+STATUS_DESCRIPTION = """\
+Show the /status of the synchook running with these settings, asked over
+loopback (always allowed for /status, whatever --allow says)."""
+DESCRIPTIONS = {"serve": SERVE_DESCRIPTION, "check": CHECK_DESCRIPTION,
+                "tag": TAG_DESCRIPTION, "status": STATUS_DESCRIPTION}
 
 
-def build_serve_parser(prog, description=SERVE_DESCRIPTION, check=False):
+def build_serve_parser(prog, command="serve"):
+    """The parser of every command that reads the daemon's settings (serve,
+    check, tag, status), with that command's own flags."""
     parser = OneLineParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=description, epilog=SERVE_EPILOG, allow_abbrev=False)
+        description=DESCRIPTIONS[command], epilog=SERVE_EPILOG, allow_abbrev=False)
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
-    if check:
+    if command == "check":
         parser.add_argument("--parse-only", action="store_true",
                             help="check the settings' syntax and values only: no file is "
                                  "opened but the --config file, no command runs (what "
                                  "install.sh does before it writes anything)")
+    elif command == "tag":
+        parser.add_argument("--secret-new", action="store_true",
+                            help="write a new URL-safe secret to --secret-file (mode 0600) "
+                                 "and print the tag that carries it")
+    elif command == "status":
+        parser.add_argument("--json", action="store_true", help="print /status as it is")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for opt in OPTIONS:
         default = opt.default if opt.default is not None else "/run/synchook, per-user if not root"
@@ -2103,6 +2127,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(404, "not found")
         if self.command != "GET":
             return self.reply(405, "method not allowed", {"Allow": "GET"})
+        if route != "status" and self.server.status_only(self.client_ip):
+            return self.reply(403, "forbidden: not in --allow (loopback may read /status only)")
         if not self.server.authorized(self.headers, query):
             return self.reply(403, "forbidden: missing or wrong secret")
         getattr(self, "serve_" + route)()
@@ -2329,6 +2355,11 @@ class SyncHookServer(ThreadingHTTPServer):
             return str(addr.ipv4_mapped)
         return str(addr)
 
+    def status_only(self, ip):
+        """A loopback client that --allow leaves out may still read /status
+        (synchook status), and nothing else."""
+        return not self.allowed(ip)
+
     def allowed(self, ip):
         if not self.cfg.allow:
             return True
@@ -2340,7 +2371,7 @@ class SyncHookServer(ThreadingHTTPServer):
 
     def verify_request(self, request, client_address):
         ip = self.client_ip(client_address)
-        if not self.allowed(ip):
+        if not self.allowed(ip) and not is_loopback(ip):   # loopback: /status only
             log.noise(ip, "%s: connection refused: not in --allow", ip, level=30)
             return False
         with self.connections_lock:
@@ -2467,6 +2498,13 @@ class SyncHookServer(ThreadingHTTPServer):
                 good = hmac.compare_digest(digest, self.secret_digest) or good
                 break
         return good
+
+
+def is_loopback(ip):
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def handshake(tls, deadline):
@@ -2836,15 +2874,27 @@ def load_tls(cfg):
 # ---------------------------------------------------------------------------
 
 def parse_target(target):
-    """What XO would call for a tag: a bare address or a URL -> (scheme, host, port, query)."""
+    """What XO would call for what an admin types: a bare address (10.0.0.5,
+    2001:db8::5), an address and port (10.0.0.5:8080, [2001:db8::5]:1727, a host
+    name), or a tag URL -> (scheme, host, port, query).  Without a scheme it is
+    HTTPS, as XO's bare tag."""
     if "://" not in target:
-        host = target.strip("[]")
+        host, port = target, DEFAULT_PORT
+        match = re.match(r"^\[([^\]]+)\](?::(\d+))?$", target)     # [v6] or [v6]:port
+        if match:
+            host, port = match.group(1), int(match.group(2) or DEFAULT_PORT)
+        elif target.count(":") == 1:                             # v4 or name, :port
+            host, _, text = target.partition(":")
+            try:
+                port = parse_port(text)
+            except ConfigError:
+                raise ConfigError("TARGET %r: bad port %r" % (target, text))
         try:
             ipaddress.ip_address(host)
         except ValueError:
             if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", host):
                 raise ConfigError("TARGET %r: not an address, host name or URL" % target)
-        return "https", host, DEFAULT_PORT, ""
+        return "https", host, port, ""
     parts = urllib.parse.urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("TARGET %r: URL must be http:// or https:// with a host" % target)
@@ -2855,48 +2905,64 @@ def parse_target(target):
     return parts.scheme, parts.hostname, port, parts.query
 
 
-def xo_request(scheme, host, port, path, timeout, secret):
-    """One GET the way XO sends it; returns (status or None, text, seconds)."""
-    started = time.monotonic()
-    headers = {}
-    if secret:
-        token = base64.b64encode(secret.encode("utf-8", "surrogateescape")).decode()
-        headers["Authorization"] = "Bearer " + token
+# What released XO's HTTP client (undici fetch) sends with each hook request.
+XO_HEADERS = {"Connection": "keep-alive", "Accept": "*/*", "Accept-Language": "*",
+              "Sec-Fetch-Mode": "cors", "User-Agent": "node",
+              "Accept-Encoding": "gzip, deflate"}
+
+
+def client_connection(scheme, host, port, timeout):
     if scheme == "https":
-        if ssl is None:
-            return None, "this Python has no ssl module", 0.0
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE          # XO: rejectUnauthorized: false
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def xo_request(conn, path, timeout, headers):
+    """One GET on conn; returns (status or None, text, seconds)."""
+    started = time.monotonic()
     try:
         conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         text = response.read(4096).decode("utf-8", "replace").strip()
         return response.status, text, time.monotonic() - started
     except socket.timeout:
+        conn.close()
         return None, "no answer within %s s" % seconds(timeout), time.monotonic() - started
     except (OSError, http.client.HTTPException) as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        return None, "cannot reach %s:%d: %s" % (host, port, reason), time.monotonic() - started
-    finally:
         conn.close()
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        return None, "cannot reach %s:%d: %s" % (conn.host, conn.port, reason), (
+            time.monotonic() - started)
+
+
+COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status; "
+                   "'synchook.py COMMAND --help' for each.")
 
 
 def cmd_call(argv):
     parser = OneLineParser(
         prog="%s call" % os.path.basename(sys.argv[0]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Do what Xen Orchestra does: GET /sync, wait --pause seconds (the "
                     "snapshot), GET /post-sync. Certificates are not verified, as in XO.",
-        epilog="TARGET is what goes in the tag: a bare address means https://ADDR:1727; "
-               "a URL keeps its scheme, host, port and query, its path is replaced.\n"
-               "Exit 0 when both answers are 2xx, 1 otherwise, 2 on bad usage.",
+        epilog="TARGET is what you would put in the tag, or type: 10.0.0.5 (https, port "
+               "1727, as the bare tag), 10.0.0.5:8080, [2001:db8::5]:1727, or a URL, which "
+               "keeps its scheme, host, port and query (its path is replaced).\n"
+               "Exit 0 when both answers are 2xx, 1 otherwise, 2 on bad usage.\n" +
+               COMMANDS_EPILOG,
         allow_abbrev=False)
     parser.add_argument("target", metavar="TARGET",
                         help="the guest's address, or the URL of an xo:notify-on-snapshot tag")
-    parser.add_argument("--secret", metavar="S", help="sent as Authorization: Bearer base64(S)")
+    parser.add_argument("--as-xo", action="store_true",
+                        help="send exactly what released XO sends: its headers, one "
+                             "keep-alive connection, the secret only as ?token= in the query "
+                             "(XO never sends its documented Authorization header)")
+    parser.add_argument("--secret", metavar="S",
+                        help="sent as Authorization: Bearer base64(S) (as XO's docs say), or "
+                             "with --as-xo as ?token=S")
     parser.add_argument("--secret-file", metavar="PATH", help="read the secret from a file")
     parser.add_argument("--timeout", metavar="SEC", default=str(XO_TIMEOUT),
                         help="how long to wait for each answer (default 60, as XO)")
@@ -2910,19 +2976,175 @@ def cmd_call(argv):
         if pause < 0 or pause != pause:
             raise ConfigError("--pause must be 0 or more seconds")
         secret = read_secret_file(args.secret_file) if args.secret_file else args.secret
+        if scheme == "https" and ssl is None:
+            raise ConfigError("this Python has no ssl module: cannot call %s" % args.target)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
+    headers = dict(XO_HEADERS) if args.as_xo else {}
+    if secret and args.as_xo:
+        token = "token=" + urllib.parse.quote(secret, safe="")
+        query = query + "&" + token if query else token
+    elif secret:
+        token = base64.b64encode(secret.encode("utf-8", "surrogateescape")).decode()
+        headers["Authorization"] = "Bearer " + token
     suffix = "?" + query if query else ""
     ok = True
-    for phase in ("sync", "post-sync"):
-        status, text, took = xo_request(scheme, host, port, "/" + phase + suffix, timeout, secret)
-        shown = "%d %s" % (status, text) if status is not None else "failed: " + text
-        print("%-9s %s (%.3f s)" % (phase, shown, took))
-        sys.stdout.flush()
-        ok = ok and status is not None and 200 <= status < 300
-        if phase == "sync":
-            time.sleep(pause)
+    conn = client_connection(scheme, host, port, timeout)
+    try:
+        for phase in ("sync", "post-sync"):
+            status, text, took = xo_request(conn, "/" + phase + suffix, timeout, headers)
+            shown = "%d %s" % (status, text) if status is not None else "failed: " + text
+            print("%-9s %s (%.3f s)" % (phase, shown, took))
+            sys.stdout.flush()
+            ok = ok and status is not None and 200 <= status < 300
+            if phase == "sync":
+                time.sleep(pause)
+                if not args.as_xo:
+                    conn.close()              # older XO: a connection per request
+    finally:
+        conn.close()
     return 0 if ok else 1
+
+
+# tag: what to set in XO for this guest -----------------------------------------
+
+SIOCGIFADDR = 0x8915
+
+
+def guest_addresses():
+    """This guest's addresses that XO could reach: (IPv4 list, IPv6 list), in
+    interface order, without loopback and link-local ones."""
+    v4, v6 = [], []
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            try:
+                request = struct.pack("256s", name.encode()[:15])
+                raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24]
+            except OSError:
+                continue
+            address = ipaddress.ip_address(socket.inet_ntoa(raw))
+            if not (address.is_loopback or address.is_link_local):
+                v4.append(address)
+    try:
+        with open("/proc/net/if_inet6") as handle:
+            for line in handle:
+                fields = line.split()
+                address = ipaddress.ip_address(
+                    ":".join(fields[0][i:i + 4] for i in range(0, 32, 4)))
+                if not (address.is_loopback or address.is_link_local):
+                    v6.append(address)
+    except (OSError, ValueError, IndexError):
+        pass
+    return v4, v6
+
+
+def xo_tags(cfg, v4, v6):
+    """The tags that make XO call this synchook, best first, and warnings."""
+    warnings = []
+    scheme = "http" if cfg.tls == "off" or ssl is None else "https"
+    if cfg.listen:
+        try:
+            listen = ipaddress.ip_address(cfg.listen)
+            v4, v6 = ([listen], []) if listen.version == 4 else ([], [listen])
+        except ValueError:
+            pass
+    if not v4 and not v6:
+        warnings.append("no address found on this guest but loopback: put the address XO "
+                        "reaches in the tag")
+        v4 = ["<VM address>"]
+    if not v4:
+        warnings.append("this guest has IPv6 addresses only: XO's bare tag would call "
+                        "https://localhost:1727, on the XO host itself (XO bug): use the "
+                        "URL tag with the bracketed address")
+    if v4 and cfg.port == DEFAULT_PORT and scheme == "https" and not cfg.secret:
+        return ["xo:notify-on-snapshot"], warnings
+    query = "?token=" + urllib.parse.quote(cfg.secret, safe="") if cfg.secret else ""
+    hosts = [str(a) for a in v4] + ["[%s]" % a for a in v6]
+    return (["xo:notify-on-snapshot=%s://%s:%d/%s" % (scheme, host, cfg.port, query)
+             for host in hosts], warnings)
+
+
+def cmd_tag(args, cfg):
+    if args.secret_new:
+        if not cfg.secret_file:
+            raise ConfigError("--secret-new needs --secret-file PATH (SYNCHOOK_SECRET_FILE in "
+                              "the config): where the daemon reads the secret")
+        cfg.secret = secrets.token_urlsafe(24)          # URL-safe: nothing to %-encode
+        try:
+            write_new_file(cfg.secret_file, cfg.secret.encode() + b"\n", sync=True)
+        except OSError as err:
+            raise ConfigError("--secret-file %s: cannot write: %s" % (cfg.secret_file,
+                                                                      err.strerror))
+        sys.stderr.write("note: a new secret is in %s (mode 0600); restart synchook to use "
+                         "it, and set the tag below on the VM\n" % cfg.secret_file)
+    v4, v6 = guest_addresses()
+    tags, warnings = xo_tags(cfg, v4, v6)
+    for warning in warnings:
+        sys.stderr.write("warning: %s\n" % warning)
+    if len(tags) > 1:
+        sys.stderr.write("note: one tag per address of this guest; use the one XO reaches\n")
+    for tag in tags:
+        print(tag)
+    return 0
+
+
+# status: the local daemon's /status, for humans ----------------------------------
+
+def cmd_status(args, cfg):
+    """Ask the daemon named by the config.  Loopback may always read /status,
+    even when --allow leaves it out."""
+    host = cfg.listen or "127.0.0.1"
+    if host in ("::", "0.0.0.0"):
+        host = "127.0.0.1"
+    scheme = "https" if cfg.tls == "on" and ssl is not None else "http"
+    path = "/status" + ("?token=" + urllib.parse.quote(cfg.secret, safe="") if cfg.secret
+                        else "")
+    conn = client_connection(scheme, host, cfg.port, 10)
+    status, text, _ = xo_request(conn, path, 10, {})
+    conn.close()
+    if status != 200:
+        print("synchook on %s port %d: %s" % (host, cfg.port,
+                                             text if status is None else "%d %s" % (status, text)))
+        return 1
+    if args.json:
+        print(text)
+        return 0
+    print(describe_status(json.loads(text)))
+    return 0
+
+
+def describe_status(state):
+    def phase(name, last):
+        if not last:
+            return "%-15s none yet" % name
+        steps = ", ".join("%s %s%s (%.3f s)" % (
+            step["step"], "ok" if step["ok"] else step["reason"],
+            "" if step["exit"] is None else " [exit %s]" % step["exit"], step["duration"])
+            for step in last["steps"]) or "nothing configured"
+        return "%-15s %d %s at %s: %s" % (name, last["status"], last["reason"], last["at"],
+                                          steps)
+
+    lines = ["synchook %s, up %s s" % (state.get("version"), state.get("uptime"))]
+    if state.get("state") == "open":
+        lines.append("window:         OPEN since %s, opened by %s" % (state.get("open_since"),
+                                                                     state.get("opened_by")))
+        if "max_hold_left" in state:
+            lines.append("                released in %s s at the latest (--max-hold)"
+                         % state["max_hold_left"])
+        owed = state.get("post_phase_owed")
+        if owed:
+            lines.append("                POST PHASE OWED: %s (try %d, next in %s s)"
+                         % (owed["reason"], owed["tries"], owed["next_try_in"]))
+    else:
+        lines.append("window:         idle")
+    lines.append(phase("last sync:", state.get("last_sync")))
+    lines.append(phase("last post-sync:", state.get("last_post_sync")))
+    lines.append("log lines dropped: %s" % state.get("log_lines_dropped"))
+    return "\n".join(lines)
 
 
 def check_port(cfg):
@@ -3147,19 +3369,26 @@ def main(argv=None):
     reopen_standard_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
-    if argv and argv[0] in ("serve", "check", "call"):
+    if argv and argv[0] in ("serve", "check", "call", "tag", "status"):
         command = argv.pop(0)
     if command == "call":
         return cmd_call(argv)
     prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
-    description = CHECK_DESCRIPTION if command == "check" else SERVE_DESCRIPTION
-    args = build_serve_parser(prog, description, check=command == "check").parse_args(argv)
+    args = build_serve_parser(prog, command).parse_args(argv)
     parse_only = getattr(args, "parse_only", False)
     try:
+        if command == "tag" and args.secret_new:
+            # The secret file is about to be written: only its name is needed now.
+            cfg = resolve_config(args, check_files=False)
+            return cmd_tag(args, resolve_config_for_new_secret(args, cfg))
         cfg = resolve_config(args, check_files=not parse_only)
         if parse_only:
             print("ok   settings are valid (syntax and values; no file opened, nothing run)")
             return 0
+        if command == "tag":
+            return cmd_tag(args, cfg)
+        if command == "status":
+            return cmd_status(args, cfg)
         log.start(cfg.log_level, cfg.syslog)
         os.chdir("/")              # no mount is kept busy by the daemon's cwd
         if command == "check":
@@ -3173,6 +3402,15 @@ def main(argv=None):
         return 2
     finally:
         log.close()
+
+
+def resolve_config_for_new_secret(args, cfg):
+    """tag --secret-new: the settings with the secret file checked as the daemon
+    will check it, once the new secret is in it."""
+    if cfg.secret_file:
+        check_trusted(os.path.dirname(os.path.abspath(cfg.secret_file)), "--secret-file")
+    cfg.secret = ""
+    return cfg
 
 
 def wants_syslog(args):

@@ -18,7 +18,7 @@ def _why_not():
         return "needs root (loop devices, mount, fsfreeze)"
     missing = [tool for tool in NEEDED if shutil.which(tool) is None]
     if missing:
-        return "missing tools: " + ", ".join(missing)
+        return "missing tools: %s (apt-get install util-linux e2fsprogs)" % ", ".join(missing)
     return None
 
 

@@ -20,7 +20,7 @@ def shells():
     found = []
     for name, argv in (("dash", ["dash"]), ("busybox", ["busybox", "sh"])):
         found.append(pytest.param(argv, id=name, marks=pytest.mark.skipif(
-            shutil.which(argv[0]) is None, reason="%s not installed" % argv[0])))
+            shutil.which(argv[0]) is None, reason="%s not installed (apt-get install %s)" % (argv[0], argv[0]))))
     return found
 
 
@@ -168,7 +168,7 @@ def test_install_into_root_detects_init_and_writes_files(shell, kind, tmp_path):
 @pytest.mark.parametrize("shell", SHELLS)
 def test_systemd_unit_passes_systemd_analyze(shell, tmp_path):
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
     root = make_root(tmp_path, "systemd")
     assert install(shell, "--root", str(root), "--sync", "true").returncode == 0
     out = run(["systemd-analyze", "verify", str(root / "etc/systemd/system/synchook.service")])
@@ -288,7 +288,7 @@ def web(tmp_path):
 @pytest.mark.parametrize("shell", SHELLS)
 def test_curl_pipe_install_with_sha256(shell, tmp_path, web):
     if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
+        pytest.skip("curl not installed (apt-get install curl)")
     digest = hashlib.sha256(open(SYNCHOOK, "rb").read()).hexdigest()
     sh = " ".join(shell)
     root = make_root(tmp_path, "pipe")
@@ -348,7 +348,7 @@ def test_no_python_says_how_to_install(tmp_path):
 
 def test_requires_root_unless_root_dir(tmp_path):
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to try as another user")
+        pytest.skip("needs root and setpriv (apt-get install util-linux) to try as another user")
     out = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "dash", INSTALL,
                "--sync", "x"], env=clean_env(), cwd="/")
     assert out.returncode == 1 and "run install.sh as root" in out.stderr
@@ -373,7 +373,7 @@ def test_download_without_curl(tmp_path, web, downloader):
              "head", "tail", "grep", "id", "cp", "ln", "sha256sum", "python3"]
     if downloader == "wget":
         if shutil.which("wget") is None:
-            pytest.skip("wget not installed")
+            pytest.skip("wget not installed (apt-get install wget)")
         tools.append("wget")
     for tool in tools:
         path = shutil.which(tool)
@@ -505,7 +505,7 @@ class PrivateSystem:
 
     def __init__(self, tmp_path):
         if os.geteuid() != 0 or not shutil.which("nsenter") or not shutil.which("unshare"):
-            pytest.skip("a real install needs root, unshare and nsenter")
+            pytest.skip("a real install needs root, unshare and nsenter (apt-get install util-linux)")
         self.holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep",
                                         "900"])
         mounts = ["mount -t tmpfs tmpfs /run"]

@@ -40,7 +40,7 @@ def test_abstract_notify_socket(start):
 def in_private_dev(tmp_path, with_log):
     """Run synchook in a mount namespace whose /dev has null, urandom and maybe log."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare to give synchook its own /dev/log")
+        pytest.skip("needs root and unshare (apt-get install util-linux) to give synchook its own /dev/log")
     dev = tmp_path / "dev"
     dev.mkdir()
     os.mknod(str(dev / "null"), 0o666 | 0o020000, os.makedev(1, 3))

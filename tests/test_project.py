@@ -15,9 +15,13 @@ from conftest import ROOT, SYNCHOOK
 def test_readme_test_command_is_what_ci_runs():
     readme = open(os.path.join(ROOT, "README.md")).read()
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    match = re.search(r"Test it \(what CI runs\):\n\n    (.+)\n", readme)
+    match = re.search(r"Test it \(what CI runs\):\n\n((?:    .+\n)+)", readme)
     assert match, "README lost its test command"
-    assert match.group(1) in ci.splitlines()
+    commands = [line[4:] for line in match.group(1).splitlines()]
+    assert len(commands) == 2 and commands[0].startswith("python3 -m venv .venv")
+    assert "pytest" in commands[1] and "-rs" in commands[1]
+    for command in commands:
+        assert command in ci.splitlines()
 
 
 def test_only_standard_library_imports():
@@ -41,3 +45,20 @@ def test_vermin_says_python_3_6():
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          universal_newlines=True)
     assert out.returncode == 0, out.stdout
+
+
+def test_readme_curl_block_works_pasted_as_one_block(tmp_path):
+    """The "Trying it with curl" block, run as it is (another port and directory)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed (apt-get install curl)")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("## Trying it with curl\n\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line[4:] for line in block.splitlines()]
+    from conftest import free_port
+    script = "\n".join(lines).replace("1727", str(free_port())).replace(
+        "/tmp/synchook-try", str(tmp_path / "try")).replace("python3 synchook.py",
+                                                           "%s %s" % (sys.executable, SYNCHOOK))
+    out = subprocess.run(["bash", "-c", script + "\nwait"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert out.stdout.splitlines().count("Ok") == 2, out.stdout
+    assert '"state": "idle"' in out.stdout and "thawing" in out.stdout

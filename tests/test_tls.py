@@ -55,7 +55,7 @@ def test_old_tls_refused(start, rec):
 
 def test_curl_k(start, rec):
     if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
+        pytest.skip("curl not installed (apt-get install curl)")
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
     out = run(["curl", "-sk", "https://127.0.0.1:%d/sync" % d.port])
     assert out.stdout == "Ok\n"
@@ -87,7 +87,7 @@ main().catch(e => { console.error(e); process.exit(1) })
 
 def test_node_fetch_like_xo(start, rec, tmp_path):
     if shutil.which("node") is None:
-        pytest.skip("node not installed")
+        pytest.skip("node not installed (apt-get install nodejs)")
     script = tmp_path / "xo.js"
     script.write_text(NODE_XO)
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
