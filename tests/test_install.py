@@ -376,7 +376,8 @@ def test_download_without_curl(tmp_path, web, downloader):
             pytest.skip("wget not installed (apt-get install wget)")
         tools.append("wget")
     for tool in tools:
-        path = shutil.which(tool)
+        # python3: this interpreter itself (PATH's may be a pyenv shim, which needs PATH)
+        path = os.path.realpath(sys.executable) if tool == "python3" else shutil.which(tool)
         if path:
             os.symlink(path, str(bin_dir / tool))
     root = make_root(tmp_path, "dl")
