@@ -10,6 +10,22 @@ on /post-sync, after --max-hold seconds, on shutdown, and after a crash.
 
 One file, Python 3.6 or newer, standard library only.  Run ``synchook.py
 --help``; the README has the whole story.
+
+The file reads top to bottom in the order a request travels; its banner
+sections are:
+
+  Constants             limits and names, one comment each
+  Logging               a bounded queue and one writer thread: never blocks a thaw
+  Configuration         flag > variable > --config file > default; trusted files
+  Running commands      process groups, bounded time and output, --hold, hooks,
+                        the steps of a phase
+  Freezing filesystems  --freeze: FIFREEZE/FITHAW, the mount selection
+  The sync window       the state machine: one window, its post phase owed once
+  HTTP                  one handler: strict, bounded parsing; nothing reaches a shell
+  The server            accept loop, signals, TLS detection, allow-list, the cap
+  TLS                   a self-signed certificate from the standard library
+  call, check, ...      the admin's tools: call, tag, thaw, status, check
+  serve, and main       start-up order (recovery first), the command line
 """
 
 import sys
@@ -507,6 +523,24 @@ def parse_network(entry):
     return network
 
 
+def parse_freeze(text):
+    """'' (no freeze), 'all', or a list of absolute mount points."""
+    text = text.strip()
+    if text in ("", "all"):
+        return text
+    points = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if not entry.startswith("/"):
+            raise ConfigError("%r: a mount point is an absolute path (or use 'all')" % entry)
+        point = os.path.normpath(entry)
+        if point not in points:
+            points.append(point)
+    return points
+
+
 def parse_listen(text):
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
@@ -533,6 +567,11 @@ OPTIONS = [
     Option("hooks_dir", "--hooks-dir", "SYNCHOOK_HOOKS_DIR", "", parse_text, "DIR", "hooks",
            "directory of executable hooks run with 'sync' (name order) and "
            "'post-sync' (reverse order)"),
+    Option("freeze", "--freeze", "SYNCHOOK_FREEZE", "", parse_freeze, "all|MOUNT,...", "hooks",
+           "freeze these mount points, or every local filesystem ('all'), as the last "
+           "step of /sync; thawed first on /post-sync (no fsfreeze needed)"),
+    Option("freeze_under", "--freeze-under", "SYNCHOOK_FREEZE_UNDER", "", parse_text, "DIR",
+           "hooks", "with --freeze all: only the mounts at or below DIR"),
     Option("timeout", "--timeout", "SYNCHOOK_TIMEOUT", "55", parse_seconds, "SEC", "hooks",
            "longest a hook command may run (XO waits 60)"),
     Option("max_hold", "--max-hold", "SYNCHOOK_MAX_HOLD", "300", parse_seconds, "SEC", "hooks",
@@ -586,6 +625,7 @@ Commands (each takes --help):
   synchook.py call TARGET [options]  act as XO: /sync, a pause, /post-sync
   synchook.py tag [options]          print the XO tag for this guest
   synchook.py status [options]       show the running daemon's /status
+  synchook.py thaw [--under DIR]     thaw every frozen local filesystem (rescue)
 
 Every option also reads its variable (shown in brackets) and the same
 SYNCHOOK_NAME=value line in --config; a flag wins over the variable, the
@@ -892,8 +932,13 @@ def finish_config(cfg, check_files=True):
         raise ConfigError("--hooks-dir %s: not a directory" % cfg.hooks_dir)
     if cfg.hooks_dir:
         check_trusted(cfg.hooks_dir, "--hooks-dir")
+    if cfg.freeze_under and cfg.freeze != "all":
+        raise ConfigError("--freeze-under %s: goes with --freeze all" % cfg.freeze_under)
+    if cfg.freeze and cfg.freeze != "all":
+        for point, why in freeze_plan(read_mounts(), cfg.freeze)[1]:
+            raise ConfigError("--freeze %s: %s (see /proc/self/mountinfo)" % (point, why))
     # The daemon works from / (it must not keep a mount busy): paths become absolute.
-    for name in ("tls_cert", "tls_key", "hooks_dir", "runtime_dir", "state_dir"):
+    for name in ("tls_cert", "tls_key", "hooks_dir", "runtime_dir", "state_dir", "freeze_under"):
         if getattr(cfg, name):
             setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
 
@@ -1387,13 +1432,15 @@ def list_hooks(directory):
 class Phases:
     """The steps of a window, shared by the daemon and `check`.
 
-    sync phase: hold, hooks (name order), --sync; a failed step skips the rest.
-    post phase: --post-sync, hooks (reverse order), end of the hold; all run.
+    sync phase: hold, hooks (name order), --sync, freeze; a failed step skips the rest.
+    post phase: thaw, --post-sync, hooks (reverse order), end of the hold; all run.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, freezing=True):
         self.cfg = cfg
         self.hold = Hold(cfg.hold) if cfg.hold else None
+        self.freezer = Freezer(cfg.freeze, cfg.freeze_under) if cfg.freeze else None
+        self.freezing = freezing          # `check` lists what it would freeze, freezes nothing
         # os.environ decodes every variable on each copy; the daemon's own
         # environment does not change, so copy it once.
         self.base_env = dict(os.environ)
@@ -1411,7 +1458,7 @@ class Phases:
             (log.warning if unsafe else log.debug)("hooks dir: %s", reason)
         return hooks
 
-    def sync_phase(self, client, cancel, on_start=None):
+    def sync_phase(self, client, cancel, on_start=None, on_freeze=None):
         env = self.env("sync", client)
         steps = []
         if self.hold is not None:
@@ -1424,6 +1471,11 @@ class Phases:
         if self.cfg.sync and all(step.ok for step in steps):
             steps.append(run_command([SHELL, "-c", self.cfg.sync], "sync", env,
                                      self.cfg.timeout, cancel, on_start))
+        if self.freezer and self.freezing and all(step.ok for step in steps):
+            if cancel.is_set():
+                steps.append(Result("freeze", False, "not frozen: /post-sync arrived"))
+            else:
+                steps.append(self.freezer.freeze(on_freeze))     # last: nothing runs after
         return steps
 
     def post_plan(self):
@@ -1433,6 +1485,8 @@ class Phases:
         exactly the steps that could not start, in the same order.
         """
         plan = []
+        if self.freezer:
+            plan.append(("thaw", None))       # first, in this process: nothing can delay it
         if self.cfg.post_sync:
             plan.append(("post-sync", [SHELL, "-c", self.cfg.post_sync]))
         for path in reversed(self.hooks()):
@@ -1451,7 +1505,9 @@ class Phases:
         results = []
         for index, (label, argv) in enumerate(plan):
             try:
-                if argv is None:
+                if label == "thaw":
+                    result = self.freezer.thaw()
+                elif argv is None:
                     result = self.hold.end()
                 else:
                     result = run_command(argv, label, env, self.cfg.timeout, None, on_start)
@@ -1474,9 +1530,214 @@ def phase_answer(steps):
     """(HTTP status, body) for a phase: the first failed step's reason, or Ok."""
     for step in steps:
         if not step.ok:
-            prefix = "" if step.label in ("sync", "post-sync", "hold") else step.label + ": "
+            prefix = "" if step.label in ("sync", "post-sync", "hold", "freeze",
+                                          "thaw") else step.label + ": "
             return 500, prefix + step.reason
     return 200, "Ok"
+
+
+# ---------------------------------------------------------------------------
+# Freezing filesystems: FIFREEZE and FITHAW, the way qemu-guest-agent does it
+# ---------------------------------------------------------------------------
+
+FIFREEZE = 0xC0045877              # _IOWR('X', 119, int)
+FITHAW = 0xC0045878                # _IOWR('X', 120, int)
+MOUNTINFO = "/proc/self/mountinfo"
+# Never frozen by --freeze all: no block device of their own, remote, or read-only images.
+SKIPPED_FS = {
+    "autofs", "binfmt_misc", "bpf", "ceph", "cgroup", "cgroup2", "cifs", "configfs",
+    "debugfs", "devpts", "devtmpfs", "efivarfs", "glusterfs", "hugetlbfs", "iso9660",
+    "mqueue", "nfs", "nfs4", "nsfs", "overlay", "proc", "pstore", "ramfs", "rpc_pipefs",
+    "securityfs", "smb3", "smbfs", "squashfs", "sysfs", "tmpfs", "tracefs", "virtiofs",
+    "9p", "zfs"}
+
+Mount = collections.namedtuple("Mount", "point fstype source device")
+
+
+def unescape_mount(text):
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), text)
+
+
+def parse_mountinfo(text):
+    """The mounts of a /proc/PID/mountinfo text, in mount order."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            dash = fields.index("-", 6)
+            major, minor = fields[2].split(":")
+            mounts.append(Mount(unescape_mount(fields[4]), fields[dash + 1],
+                                unescape_mount(fields[dash + 2]),
+                                os.makedev(int(major), int(minor))))
+        except (ValueError, IndexError):
+            continue
+    return mounts
+
+
+def read_mounts():
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as handle:
+            return parse_mountinfo(handle.read())
+    except OSError:
+        return []
+
+
+def below(point, under):
+    """Is mount point `point` at or below directory `under`?"""
+    under = under.rstrip("/") or "/"
+    return under == "/" or point == under or point.startswith(under + "/")
+
+
+def freeze_plan(mounts, wanted, under=""):
+    """What a freeze would do: ([Mount to freeze, in order], [(point, why skipped)]).
+
+    wanted is "all" (every local filesystem with a block device, as
+    qemu-guest-agent picks them) or a list of mount points.  The order is the
+    reverse of mount order: a mount before the filesystem it sits on.  Of two
+    mounts on one point only the top one is visible, and kept.
+    """
+    plan, skipped, seen = [], [], set()
+    for mount in reversed(mounts):
+        if mount.point in seen:
+            continue
+        seen.add(mount.point)
+        if wanted != "all":
+            if mount.point in wanted:
+                plan.append(mount)
+            continue
+        if under and not below(mount.point, under):
+            continue
+        if mount.fstype in SKIPPED_FS or mount.fstype.startswith("fuse"):
+            skipped.append((mount.point, "%s: virtual, remote or read-only" % mount.fstype))
+        elif not mount.source.startswith("/dev/"):
+            skipped.append((mount.point, "%s from %s: no block device" % (mount.fstype,
+                                                                          mount.source)))
+        else:
+            plan.append(mount)
+    if wanted != "all":
+        missing = [point for point in wanted if point not in seen]
+        skipped.extend((point, "not a mount point") for point in missing)
+    return plan, skipped
+
+
+class Freezer:
+    """Freezes the filesystems of --freeze (last step of the sync phase) and
+    thaws them (first step of the post phase) with ioctls in this process: no
+    fork, no exec, nothing read from a frozen disk.  Each descriptor stays open
+    from freeze to thaw, so a path that became unreachable still thaws."""
+
+    def __init__(self, wanted, under=""):
+        self.wanted = wanted
+        self.under = under
+        self.frozen = []              # [(point, fd)] in freeze order
+        self.since = None
+
+    def plan(self):
+        return freeze_plan(read_mounts(), self.wanted, self.under)
+
+    def freeze(self, announce=None):
+        """Freeze the plan; announce(points) first (the marker, written before any
+        filesystem is frozen).  On an error other than "cannot be frozen"
+        (EOPNOTSUPP) or "already frozen" (EBUSY: a bind mount of one frozen
+        here), everything frozen so far is thawed and the step fails."""
+        started = time.monotonic()
+        plan, skipped = self.plan()
+        for point, why in skipped:
+            if self.wanted != "all":
+                return Result("freeze", False, "freeze %s: %s" % (point, why))
+            log.debug("freeze: %s skipped (%s)", point, why)
+        if announce is not None:
+            announce([mount.point for mount in plan])
+        self.since = time.time()
+        for mount in plan:
+            failure = self._freeze_one(mount)
+            if failure:
+                log.error("freeze: %s; thawing what was frozen", failure)
+                self.thaw()
+                return Result("freeze", False, failure, None, time.monotonic() - started)
+        points = [point for point, _ in self.frozen]
+        log.info("freeze: %d frozen in %.3f s: %s", len(points), time.monotonic() - started,
+                 ", ".join(points) or "none")
+        return Result("freeze", True, "ok", None, time.monotonic() - started)
+
+    def _freeze_one(self, mount):
+        try:
+            fd = os.open(mount.point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            return "freeze %s: %s" % (mount.point, err.strerror)
+        if not is_mount_root(fd, mount):
+            os.close(fd)      # unmounted since: FIFREEZE would freeze the parent instead
+            return "freeze %s: no longer a mount point" % mount.point
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as err:
+            os.close(fd)
+            if err.errno == errno.EOPNOTSUPP:
+                log.info("freeze: %s (%s) cannot be frozen: skipped", mount.point, mount.fstype)
+                return None
+            if err.errno == errno.EBUSY:
+                log.info("freeze: %s already frozen (a bind mount, or frozen by another "
+                         "program)", mount.point)
+                return None
+            return "freeze %s: %s" % (mount.point, err.strerror)
+        self.frozen.append((mount.point, fd))
+        return None
+
+    def thaw(self):
+        """Thaw what this window froze, last frozen first.  Always starts."""
+        started = time.monotonic()
+        errors = []
+        while self.frozen:
+            point, fd = self.frozen.pop()
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+            except OSError as err:
+                if err.errno != errno.EINVAL:          # EINVAL: not frozen (any more)
+                    errors.append("thaw %s: %s" % (point, err.strerror))
+            finally:
+                os.close(fd)
+        self.since = None
+        if errors:
+            log.error("%s", "; ".join(errors))
+            return Result("thaw", False, "; ".join(errors), None, time.monotonic() - started)
+        return Result("thaw", True, "ok", None, time.monotonic() - started)
+
+    def status(self):
+        return [{"mount": point, "since": iso(self.since)} for point, _ in self.frozen]
+
+
+def is_mount_root(fd, mount):
+    """Is fd the root of that mount still (not the directory left under it)?"""
+    st = os.fstat(fd)
+    if st.st_dev == mount.device:
+        return True
+    try:
+        parent = os.stat("..", dir_fd=fd)
+    except OSError:
+        return False
+    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
+
+
+def thaw_paths(points):
+    """FITHAW on each path (EINVAL: it was not frozen); [(point, outcome)].
+    For a restart after a crash, and for `synchook thaw`."""
+    outcomes = []
+    for point in points:
+        try:
+            fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            outcomes.append((point, "cannot open: %s" % err.strerror))
+            continue
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+            outcomes.append((point, "thawed"))
+        except OSError as err:
+            outcomes.append((point, "not frozen" if err.errno == errno.EINVAL else
+                             "cannot thaw: %s" % err.strerror))
+        finally:
+            os.close(fd)
+    return outcomes
 
 
 # ---------------------------------------------------------------------------
@@ -1514,6 +1775,7 @@ class SyncWindow:
         self.deadline = None           # monotonic; set once the sync phase ended
         self.window_answer = None      # what this window's /sync answered
         self.groups = []               # process groups started for this window
+        self.freezing = []             # mount points --freeze is about to freeze
         self.post_rest = None          # post steps still owed, once the post phase began
         self.post_results = []         # results of the post steps that ran
         self.post_done = []            # their labels, kept in the marker
@@ -1561,7 +1823,8 @@ class SyncWindow:
             self._open(client)
             self.window_answer = 500, "internal error"    # replaced unless sync_phase raises
             try:
-                steps = self.phases.sync_phase(client, self.cancel, self._track)
+                steps = self.phases.sync_phase(client, self.cancel, self._track,
+                                               self._announce_freeze)
             finally:
                 # Whatever happened, the window is open: the max-hold clock runs.
                 with self.cond:
@@ -1615,6 +1878,8 @@ class SyncWindow:
             left = None
             if self.is_open and self.deadline is not None:
                 left = round(max(0.0, self.deadline - time.monotonic()), 1)
+            if self.phases.freezer is not None:
+                state["frozen"] = self.phases.freezer.status()
             if self.owed is not None:
                 state["post_phase_owed"] = {"reason": self.owed, "tries": self.tries,
                                             "next_try_in": left}
@@ -1633,7 +1898,7 @@ class SyncWindow:
             self.opened_mono = time.monotonic()
             self.opened_by = client
             self.deadline = None
-            self.groups = []
+            self.groups, self.freezing = [], []
             self.post_rest, self.post_results, self.post_done = None, [], []
         self.write_marker()
         log.info("window opened by %s", client)
@@ -1671,7 +1936,7 @@ class SyncWindow:
             self.deadline = None
             self.opened_at = self.opened_mono = self.opened_by = None
             self.post_rest, self.post_results, self.post_done = None, [], []
-            self.owed, self.tries, self.groups = None, 0, []
+            self.owed, self.tries, self.groups, self.freezing = None, 0, [], []
             self.cond.notify_all()
         self.remove_marker()
         self._record("post-sync", steps)
@@ -1691,10 +1956,17 @@ class SyncWindow:
         self.groups.append({"pgid": proc.pid, "start": info[2] if info else None})
         self.write_marker()
 
+    def _announce_freeze(self, points):
+        """Before --freeze freezes anything: the marker names what may be frozen,
+        so that a restart after a crash thaws it (nothing is written after)."""
+        self.freezing = points
+        self.write_marker()
+
     def write_marker(self):
         data = json.dumps({"pid": os.getpid(), "opened_at": iso(self.opened_at),
                            "client": self.opened_by, "boot_id": boot_id(),
-                           "groups": self.groups, "post_done": self.post_done})
+                           "groups": self.groups, "frozen": self.freezing,
+                           "post_done": self.post_done})
         try:
             # Even a torn marker means "open"; a replaced one is never torn.
             write_new_file(self.marker, data.encode() + b"\n")
@@ -1741,6 +2013,11 @@ class SyncWindow:
                     "with a window open; running the post phase before serving", self.marker,
                     marker_field(info, "opened_at"), marker_field(info, "client"),
                     marker_field(info, "pid"))
+        frozen = info.get("frozen")
+        if isinstance(frozen, list) and info.get("boot_id") == boot_id():
+            # First of all: the dead run's own freeze (nothing else can thaw it).
+            for point, outcome in thaw_paths([p for p in frozen if isinstance(p, str)]):
+                log.warning("recovery: %s: %s", escape(point, 200), outcome)
         end_leftover_groups(info)
         done = info.get("post_done")
         done = set(label for label in done if isinstance(label, str)) if isinstance(
@@ -2870,7 +3147,7 @@ def load_tls(cfg):
 
 
 # ---------------------------------------------------------------------------
-# call: act as XO; check: run the phases once, locally
+# call, check, ...: act as XO, print the tag, thaw, status, run the phases once
 # ---------------------------------------------------------------------------
 
 def parse_target(target):
@@ -2938,7 +3215,7 @@ def xo_request(conn, path, timeout, headers):
             time.monotonic() - started)
 
 
-COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status; "
+COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status, thaw; "
                    "'synchook.py COMMAND --help' for each.")
 
 
@@ -3092,6 +3369,33 @@ def cmd_tag(args, cfg):
     return 0
 
 
+# thaw: the rescue, whoever froze what -------------------------------------------
+
+def cmd_thaw(argv):
+    parser = OneLineParser(
+        prog="%s thaw" % os.path.basename(sys.argv[0]),
+        description="Thaw every frozen local filesystem (those --freeze all would "
+                    "freeze), whoever froze it: the rescue when a guest stays frozen.",
+        epilog="Exit 0 when nothing is left frozen, 1 otherwise.\n" + COMMANDS_EPILOG,
+        allow_abbrev=False)
+    parser.add_argument("--under", metavar="DIR", default="",
+                        help="only the mounts at or below DIR")
+    args = parser.parse_args(argv)
+    plan, _ = freeze_plan(read_mounts(), "all", os.path.abspath(args.under) if args.under
+                          else "")
+    failed = False
+    thawed = 0
+    for point, outcome in thaw_paths(mount.point for mount in plan):
+        if outcome == "thawed":
+            thawed += 1
+            print("thawed     %s" % point)
+        elif outcome != "not frozen":
+            failed = True
+            print("FAILED     %s: %s" % (point, outcome))
+    print("%d filesystem(s) thawed, %d checked" % (thawed, len(plan)))
+    return 1 if failed else 0
+
+
 # status: the local daemon's /status, for humans ----------------------------------
 
 def cmd_status(args, cfg):
@@ -3139,6 +3443,8 @@ def describe_status(state):
         if owed:
             lines.append("                POST PHASE OWED: %s (try %d, next in %s s)"
                          % (owed["reason"], owed["tries"], owed["next_try_in"]))
+        for frozen in state.get("frozen") or []:
+            lines.append("                frozen: %s since %s" % (frozen["mount"], frozen["since"]))
     else:
         lines.append("window:         idle")
     lines.append(phase("last sync:", state.get("last_sync")))
@@ -3235,7 +3541,14 @@ def cmd_check(cfg):
                 print("--   " + reason)
     if cfg.secret and cfg.secret_from_flag:
         report(False, "--secret on the command line is visible in ps: use --secret-file")
-    phases = Phases(cfg)
+    if cfg.freeze:
+        plan, skipped = freeze_plan(read_mounts(), cfg.freeze, cfg.freeze_under)
+        report(bool(plan) or cfg.freeze == "all",
+               "--freeze: would freeze, in this order: %s (check itself freezes nothing)"
+               % (", ".join(mount.point for mount in plan) or "nothing"))
+        for point, why in skipped:
+            print("--   --freeze would skip %s: %s" % (point, why))
+    phases = Phases(cfg, freezing=False)
     signal.signal(signal.SIGTERM, interrupt)
     print("sync phase:")
     try:
@@ -3369,10 +3682,12 @@ def main(argv=None):
     reopen_standard_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
-    if argv and argv[0] in ("serve", "check", "call", "tag", "status"):
+    if argv and argv[0] in ("serve", "check", "call", "tag", "status", "thaw"):
         command = argv.pop(0)
     if command == "call":
         return cmd_call(argv)
+    if command == "thaw":
+        return cmd_thaw(argv)
     prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
     args = build_serve_parser(prog, command).parse_args(argv)
     parse_only = getattr(args, "parse_only", False)

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -206,3 +207,19 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_writer(point, name="data"):
+    """A write to a file under point that completes only on a writable (not
+    frozen) filesystem; returns an Event set when it did."""
+    done = threading.Event()
+
+    def write():
+        with open(os.path.join(point, name), "w") as handle:
+            handle.write("x" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return done

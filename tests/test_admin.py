@@ -12,7 +12,7 @@ import pytest
 from conftest import SYNCHOOK, run
 from test_install import INSTALL, PrivateSystem, clean_env, free_port  # noqa: F401
 
-COMMANDS = ("serve", "check", "call", "tag", "status")
+COMMANDS = ("serve", "check", "call", "tag", "status", "thaw")
 
 
 def secret_file(tmp_path, value):

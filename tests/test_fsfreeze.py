@@ -3,12 +3,11 @@
 import os
 import shutil
 import subprocess
-import threading
 import time
 
 import pytest
 
-from conftest import run
+from conftest import run, start_writer
 
 NEEDED = ["losetup", "mkfs.ext4", "mount", "umount", "fsfreeze"]
 
@@ -49,21 +48,6 @@ def frozen_fs(tmp_path):
         run(["fsfreeze", "-u", str(mnt)])          # always thaw, even if a test failed
         run(["umount", str(mnt)])
         run(["losetup", "-d", device])
-
-
-def start_writer(mnt):
-    """A writer that finishes only when the filesystem is writable."""
-    done = threading.Event()
-
-    def write():
-        with open(os.path.join(mnt, "data"), "w") as handle:
-            handle.write("x" * 4096)
-            handle.flush()
-            os.fsync(handle.fileno())
-        done.set()
-
-    threading.Thread(target=write, daemon=True).start()
-    return done
 
 
 def test_fsfreeze_blocks_writer_until_post_sync(start, frozen_fs):
