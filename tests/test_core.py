@@ -219,3 +219,20 @@ def test_server_header_hides_python(start):
     response = conn.getresponse()
     assert response.getheader("Server").startswith("synchook/")
     assert "Python" not in response.getheader("Server")
+
+
+def test_output_past_the_cap_is_counted_not_lost():
+    """Past 1,000 lines the output is only counted (in C): the count stays exact."""
+    import synchook
+    for text in (b"y\n" * 5000, b"a" * 3000 + b"\n" + b"b\n" * 1500 + b"tail",
+                 b"\n" * 2500):
+        logger = synchook.OutputLogger("t")
+        old_level, synchook.log.level = synchook.log.level, 100
+        try:
+            for i in range(0, len(text), 777):
+                logger.feed(text[i:i + 777])
+            logger.close()
+        finally:
+            synchook.log.level = old_level
+        lines = text.count(b"\n") + (0 if text.endswith(b"\n") else 1)
+        assert logger.lines == 1000 and logger.lines + logger.suppressed == lines, text[:20]

@@ -1,10 +1,10 @@
 """HTTPS as XO speaks it (bare tag) and plain HTTP (URL tag), on one port."""
 
-import json
 import os
+import re
+import socket
 import shutil
 import ssl
-import subprocess
 import sys
 
 import pytest
@@ -161,14 +161,15 @@ def test_bad_given_certificate_exits_2(tmp_path):
 def test_generated_certificate_is_well_formed(shared_cert):
     x509 = pytest.importorskip("cryptography.x509")
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric import ec
     cert = x509.load_pem_x509_certificate((shared_cert / "cert.pem").read_bytes())
     key = serialization.load_pem_private_key((shared_cert / "key.pem").read_bytes(), None)
     assert cert.version == x509.Version.v3
-    assert key.key_size == 2048
+    assert key.curve.name == "secp256r1"
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()
     cert.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
-                             padding.PKCS1v15(), hashes.SHA256())   # raises if bad
+                             ec.ECDSA(hashes.SHA256()))              # raises if bad
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -192,3 +193,40 @@ def test_without_ssl_module_serves_plain_http(start, tmp_path, rec):
     assert d.get("/sync") == (200, "Ok")
     out = run([sys.executable, str(wrapper), "--tls", "on"])
     assert out.returncode == 2 and "no ssl module" in out.stderr
+
+
+def test_existing_rsa_certificate_in_state_dir_keeps_working(start, tmp_path):
+    """Certificates made by 1.0.0 (RSA-2048) stay in use after an upgrade."""
+    pytest.importorskip("cryptography.x509")
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "old synchook")])
+    now = datetime.datetime.utcnow()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(7).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=9)).sign(key, hashes.SHA256()))
+    state = tmp_path / "rsa-state"
+    state.mkdir(mode=0o700)
+    (state / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (state / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    os.chmod(str(state / "key.pem"), 0o600)
+    d = start("--sync", "true", state_dir=state)
+    assert d.get("/sync", tls=True) == (200, "Ok")
+    assert "generated" not in d.log()
+    with socket.create_connection(("127.0.0.1", d.port)) as sock:
+        with client_context().wrap_socket(sock) as tls:
+            served = tls.getpeercert(binary_form=True)
+    assert served == cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_first_start_generates_a_key_in_milliseconds(start, tmp_path):
+    d = start("--sync", "true", state_dir=tmp_path / "fresh-state")
+    match = re.search(r"generated a self-signed ECDSA P-256 certificate in ([0-9.]+) s", d.log())
+    assert match, d.log()
+    print("key and certificate made in %s s" % match.group(1))
+    assert d.get("/sync", tls=True) == (200, "Ok")
