@@ -31,11 +31,13 @@ sections are:
 import sys
 
 # While a sync window is open the filesystem under us may be frozen, and a
-# blocked write would deadlock the thaw.  So: no .pyc writes, and every import
-# happens here, at start, never lazily while a window is open.
+# blocked write would deadlock the thaw.  So: no .pyc writes, and every module a
+# window needs is imported here, at start.  The few that only the start-up
+# (shlex: the config file; resource: the descriptor limit; secrets: the key) or
+# the admin's tools need are imported where they are used, never on a window's
+# path: the daemon keeps each one it never loads out of its memory for good.
 sys.dont_write_bytecode = True
 
-import argparse  # noqa: E402
 import base64  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
@@ -51,11 +53,8 @@ import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import resource  # noqa: E402
-import secrets  # noqa: E402
 import select  # noqa: E402
 import selectors  # noqa: E402
-import shlex  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import socketserver  # noqa: E402
@@ -71,7 +70,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -641,12 +640,63 @@ Examples:
 """
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+def argument_parser(**kwargs):
+    """An argparse parser whose usage error is one line on stderr and exit code 2.
 
-    def error(self, message):
-        sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
-        sys.exit(2)
+    argparse is imported here, not with the rest: the daemon reads its flags
+    with parse_serve_flags and so never loads it (0.4 MB, for the life of the
+    process); help, mistakes and the tools come here.  The help width comes
+    from $COLUMNS: without a width, argparse imports shutil.
+    """
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def __init__(self, prog):
+            try:
+                width = int(os.environ.get("COLUMNS", "")) - 2
+            except ValueError:
+                width = 78
+            argparse.RawDescriptionHelpFormatter.__init__(self, prog, width=max(width, 40))
+
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message):
+            sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
+            sys.exit(2)
+
+    kwargs.setdefault("formatter_class", Formatter)
+    return OneLineParser(**kwargs)
+
+
+class Flags:
+    """Flags as parse_args returns them: an attribute per setting, None if absent."""
+
+    def __init__(self):
+        for opt in OPTIONS:
+            setattr(self, opt.name, None)
+
+
+def parse_serve_flags(argv):
+    """The daemon's flags, read without argparse; None when argparse must judge
+    (--help, --version, a mistake, a value that looks like a flag): it then
+    parses them all, with its own messages."""
+    by_flag = {opt.flag: opt for opt in OPTIONS}
+    flags = Flags()
+    words = iter(argv)
+    for word in words:
+        flag, equals, value = word.partition("=")
+        opt = by_flag.get(flag)
+        if opt is None:
+            return None
+        if opt.parse is parse_bool:
+            if equals:
+                return None
+            value = "1"
+        elif not equals:
+            value = next(words, None)
+            if value is None or value.startswith("-"):
+                return None
+        setattr(flags, opt.name, value)
+    return flags
 
 
 SERVE_DESCRIPTION = """\
@@ -670,9 +720,8 @@ DESCRIPTIONS = {"serve": SERVE_DESCRIPTION, "check": CHECK_DESCRIPTION,
 def build_serve_parser(prog, command="serve"):
     """The parser of every command that reads the daemon's settings (serve,
     check, tag, status), with that command's own flags."""
-    parser = OneLineParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=DESCRIPTIONS[command], epilog=SERVE_EPILOG, allow_abbrev=False)
+    parser = argument_parser(
+        prog=prog, description=DESCRIPTIONS[command], epilog=SERVE_EPILOG, allow_abbrev=False)
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     if command == "check":
         parser.add_argument("--parse-only", action="store_true",
@@ -807,6 +856,7 @@ def read_config_file(path):
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err
         raise ConfigError("--config %s: cannot read: %s" % (path, reason))
+    import shlex                       # at start only
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace_split = True
     lexer.commenters = "#"
@@ -1927,7 +1977,8 @@ class SyncWindow:
         again after a short wait (POST_RETRIES) by the watchdog."""
         if self.post_rest is None:
             self.post_rest = self.phases.post_plan()
-        results, rest = self.phases.run_post_steps(self.post_rest, client, self._track)
+        # Post-phase groups are not recorded: a restart reruns the post phase anyway.
+        results, rest = self.phases.run_post_steps(self.post_rest, client)
         done = self.post_rest[:len(self.post_rest) - len(rest)]
         self.post_results.extend(result for result in results if result.started)
         self.post_done.extend(label for label, _ in done)
@@ -2107,12 +2158,15 @@ def marker_field(info, name):
     return escape(info.get(name, "?"), 80) if isinstance(info, dict) else "?"
 
 
-def boot_id():
-    try:
-        with open(BOOT_ID) as handle:
-            return handle.read(64).strip()
-    except OSError:
-        return None
+def boot_id(cache=[]):
+    """This boot's id (read once: it does not change while we run)."""
+    if not cache:
+        try:
+            with open(BOOT_ID) as handle:
+                cache.append(handle.read(64).strip())
+        except OSError:
+            cache.append(None)
+    return cache[0]
 
 
 def proc_stat(pid):
@@ -2826,7 +2880,12 @@ def open_server(cfg, window, tls_context, waker):
     args = (window, tls_context, waker, cfg.max_connections)
     if cfg.listen:
         try:
-            infos = socket.getaddrinfo(cfg.listen, cfg.port, 0, socket.SOCK_STREAM, 0,
+            # An ASCII address as bytes: as str, getaddrinfo loads the idna codec.
+            try:
+                host = cfg.listen.encode("ascii")
+            except UnicodeEncodeError:
+                host = cfg.listen
+            infos = socket.getaddrinfo(host, cfg.port, 0, socket.SOCK_STREAM, 0,
                                        socket.AI_PASSIVE)
         except socket.gaierror as err:
             raise ConfigError("--listen %s: %s" % (cfg.listen, err.strerror))
@@ -2853,6 +2912,7 @@ def connection_cap(wanted):
     many connections plus the FD_RESERVE a post phase needs (a command's pipes,
     /dev/null, the marker): clients must never take the thaw's descriptors.
     The soft limit is raised towards the hard one first."""
+    import resource                    # at start only
     in_use = open_descriptors()
     need = wanted + in_use + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -2994,6 +3054,7 @@ def p256_multiply(k, point=P256_G):
 
 def ecdsa_sign(secret, message):
     """An ECDSA-with-SHA256 signature of message, DER-encoded."""
+    import secrets                     # at start or in a tool only
     digest = int.from_bytes(hashlib.sha256(message).digest(), "big")
     while True:
         nonce = 1 + secrets.randbelow(P256_N - 1)
@@ -3021,16 +3082,26 @@ def pem(label, der):
     return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
 
 
+def dns_name(name):
+    """A host name as a certificate holds it; the idna codec (and unicodedata
+    with it) only for a name that needs it."""
+    try:
+        return name.encode("ascii")
+    except UnicodeEncodeError:
+        return name.encode("idna")
+
+
 def make_self_signed(hostname):
     """An ECDSA P-256 key and a self-signed X.509 v3 server certificate, as PEM
     strings.  TLS 1.2 and 1.3 clients (Node, as XO, curl, Python) take them."""
+    import secrets                     # at start or in a tool only
     secret = 1 + secrets.randbelow(P256_N - 1)
     x, y = p256_multiply(secret)
     public_point = b"\x04" + x.to_bytes(32, "big") + y.to_bytes(32, "big")
     spki = der_seq(der_seq(EC_PUBLIC_KEY, PRIME256V1), _der(0x03, b"\x00" + public_point))
     start = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(days=1)
     names = [hostname, "localhost"] if hostname != "localhost" else ["localhost"]
-    san = der_seq(*(_der(0x82, name.encode("idna")) for name in names))
+    san = der_seq(*(_der(0x82, dns_name(name)) for name in names))
     extensions = der_seq(
         der_seq(der_oid("2.5.29.19"), b"\x01\x01\xff", _der(0x04, der_seq())),   # not a CA
         der_seq(der_oid("2.5.29.15"), b"\x01\x01\xff", _der(0x04, b"\x03\x02\x07\x80")),
@@ -3107,7 +3178,7 @@ def write_new_file(path, data, sync=False):
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(8):
         tmp = os.path.join(directory, ".%s.%s" % (os.path.basename(path),
-                                                  secrets.token_hex(8)))
+                                                  os.urandom(8).hex()))
         try:
             fd = os.open(tmp, flags, 0o600)
             break
@@ -3263,9 +3334,8 @@ COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status, tha
 
 
 def cmd_call(argv):
-    parser = OneLineParser(
+    parser = argument_parser(
         prog="%s call" % os.path.basename(sys.argv[0]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Do what Xen Orchestra does: GET /sync, wait --pause seconds (the "
                     "snapshot), GET /post-sync. Certificates are not verified, as in XO.",
         epilog="TARGET is what you would put in the tag, or type: 10.0.0.5 (https, port "
@@ -3393,6 +3463,7 @@ def cmd_tag(args, cfg):
         if not cfg.secret_file:
             raise ConfigError("--secret-new needs --secret-file PATH (SYNCHOOK_SECRET_FILE in "
                               "the config): where the daemon reads the secret")
+        import secrets                                   # a tool: never in a window
         cfg.secret = secrets.token_urlsafe(24)          # URL-safe: nothing to %-encode
         try:
             write_new_file(cfg.secret_file, cfg.secret.encode() + b"\n", sync=True)
@@ -3415,7 +3486,7 @@ def cmd_tag(args, cfg):
 # thaw: the rescue, whoever froze what -------------------------------------------
 
 def cmd_thaw(argv):
-    parser = OneLineParser(
+    parser = argument_parser(
         prog="%s thaw" % os.path.basename(sys.argv[0]),
         description="Thaw every frozen local filesystem (those --freeze all would "
                     "freeze), whoever froze it: the rescue when a guest stays frozen.",
@@ -3732,7 +3803,9 @@ def main(argv=None):
     if command == "thaw":
         return cmd_thaw(argv)
     prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
-    args = build_serve_parser(prog, command).parse_args(argv)
+    args = parse_serve_flags(argv) if command == "serve" else None
+    if args is None:
+        args = build_serve_parser(prog, command).parse_args(argv)
     parse_only = getattr(args, "parse_only", False)
     try:
         if command == "tag" and args.secret_new:

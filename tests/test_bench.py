@@ -9,17 +9,22 @@ from conftest import ROOT
 
 def test_bench_runs_and_prints_table_and_targets():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run"), "--idle", "1",
-                          "--requests", "20", "--leak-requests", "40", "--crowd", "30"],
+                          "--requests", "20", "--leak-requests", "40", "--crowd", "30",
+                          "--concurrent-rounds", "1", "--output-rounds", "1",
+                          "--first-starts", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          universal_newlines=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     header = [l for l in lines if l.startswith("figure")][0]
     assert "synchook" in header
+    assert "synchook (source)" in header
     for figure in ("start (ms)", "idle memory (kB RSS)", "GET /sync http p50/p99",
                    "GET /sync https p50/p99", "release p50/p99", "leak after 40 req",
-                   "crowd: /sync p50/p99"):
+                   "crowd: /sync p50/p99", "100 at once", "200 at once",
+                   "output  10 MB: synchook", "output 100 MB: synchook", "first start"):
         assert any(l.startswith(figure) for l in lines), figure
-    assert "targets (issue 6):" in lines
+    assert "targets (issues 6 and 14), as this run measured them:" in lines
+    assert any("idle memory (installed)" in l or "first start <= 150 ms" in l for l in lines)
     for peer in ("node (XO docs)", "webhook"):
         assert peer in header or ("skipped: %s" % peer) in out.stdout

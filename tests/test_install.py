@@ -118,7 +118,12 @@ def test_install_into_root_detects_init_and_writes_files(shell, kind, tmp_path):
     files = tree(root)
     program = root / "usr/local/sbin/synchook"
     assert files["usr/local/sbin/synchook"][0] == "0o755"
-    assert program.read_text().splitlines()[0] == "#!/usr/bin/python3 -IS"   # the image's
+    assert program.read_text().splitlines()[0] == "#!/usr/bin/python3 -ISB"  # the image's
+    module = root / "usr/local/lib/synchook/synchook.py"
+    assert module.read_bytes() == open(SYNCHOOK, "rb").read()
+    tag = "cpython-%d%d" % sys.version_info[:2]           # usr/bin/python3 runs here
+    assert files["usr/local/lib/synchook/__pycache__/synchook.%s.pyc" % tag][0] == "0o644"
+    assert run([str(program), "--version"]).stdout.startswith("synchook ")
     host_python = os.path.realpath(sys.executable)
     for path in files:
         if files[path][0] != "link":
@@ -384,8 +389,7 @@ def test_download_without_curl(tmp_path, web, downloader):
     out = run(["/usr/bin/dash", INSTALL, "--root", str(root), "--from", web + "/synchook.py",
                "--init", "none"], env=clean_env({"PATH": str(bin_dir)}))
     assert out.returncode == 0, out.stderr
-    assert (root / "usr/local/sbin/synchook").read_text().split("\n", 1)[1] == \
-        open(SYNCHOOK).read().split("\n", 1)[1]
+    assert (root / "usr/local/lib/synchook/synchook.py").read_text() == open(SYNCHOOK).read()
 
 
 # Images --------------------------------------------------------------------------------
@@ -406,7 +410,8 @@ def test_python_flag_is_what_the_service_runs(shell, tmp_path):
     out = install(shell, "--root", str(root), "--python", "/opt/py/bin/python3", "--sync", "x")
     assert out.returncode == 0, out.stderr
     assert "not in %s (yet?)" % root in out.stderr
-    assert (root / "usr/local/sbin/synchook").read_text().startswith("#!/opt/py/bin/python3 -IS\n")
+    assert (root / "usr/local/sbin/synchook").read_text().startswith("#!/opt/py/bin/python3 -ISB\n")
+    assert "no bytecode compiled, synchook runs from source" in out.stderr
     assert "\n/opt/py/bin/python3 -I -S " in (root / "etc/rc.local").read_text()
 
 
