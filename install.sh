@@ -299,15 +299,10 @@ find_python() {
 
 # The kind of service an earlier run installed, if any.
 installed_kind() {
-    if [ -f "$ROOT/etc/systemd/system/$SERVICE.service" ]; then
-        printf systemd
-    elif [ -f "$ROOT/etc/init.d/synchook" ] && head -n 1 "$ROOT/etc/init.d/synchook" | grep -q openrc-run; then
-        printf openrc
-    elif [ -f "$ROOT/etc/init.d/synchook" ] || [ -f "$ROOT/etc/init.d/S99synchook" ]; then
-        printf sysv
-    elif [ -f "$ROOT/etc/rc.local" ] && grep -q '^# BEGIN synchook ' "$ROOT/etc/rc.local"; then
-        printf rc.local
-    fi
+    for installed_kind in systemd openrc sysv rc.local; do
+        installed_kind_of "$installed_kind" && return 0
+    done
+    return 0
 }
 
 # Does this busybox/Buildroot rcS run every /etc/init.d/S??* script?
@@ -507,6 +502,7 @@ launcher() {
 # synchook (installed by install.sh): runs $PREFIX/lib/synchook/synchook.py from
 # its compiled bytecode.
 import os, sys
+sys.dont_write_bytecode = True       # as -B: also when started as python3 -I -S synchook
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                                 "lib", "synchook"))
 import synchook
@@ -915,7 +911,7 @@ remove_launcher() {
                 run systemctl daemon-reload
             fi ;;
         openrc)
-            [ -f "$ROOT/etc/init.d/synchook" ] && head -n 1 "$ROOT/etc/init.d/synchook" | grep -q openrc-run || return 0
+            installed_kind_of openrc >/dev/null || return 0
             if [ -z "$ROOT" ] && have rc-service; then
                 run rc-service "$SERVICE" stop
                 run rc-update del "$SERVICE" default >/dev/null 2>&1

@@ -1820,7 +1820,6 @@ class SyncWindow:
     def __init__(self, phases, max_hold, runtime_dir):
         self.phases = phases
         self.max_hold = max_hold
-        self.runtime_dir = runtime_dir
         self.marker = os.path.join(runtime_dir, MARKER_FILE)
         self.cond = threading.Condition()
         self.waiting = collections.deque()
@@ -2233,7 +2232,6 @@ def end_leftover_groups(info):
                       "frozen filesystem?): running the post phase anyway", pgid)
 
 
-
 # ---------------------------------------------------------------------------
 # HTTP: one handler, bounded reads, nothing from the request reaches a shell
 # ---------------------------------------------------------------------------
@@ -2491,17 +2489,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return any(value.strip() != "0" for value in lengths)
 
     def serve_sync(self):
-        # Waiting on the window: this connection is never the one evicted.
-        self.server.set_state(self.request, "command")
-        answer = self.server.window.sync(self.client_ip)
-        self.server.set_state(self.request, "busy")
-        self.reply(*answer)
+        self.reply(*self.wait_on_window(self.server.window.sync))
 
     def serve_post_sync(self):
+        self.reply(*self.wait_on_window(self.server.window.post_sync))
+
+    def wait_on_window(self, phase):
+        """phase(client)'s answer; while it waits, this connection is never the
+        one evicted to make room."""
         self.server.set_state(self.request, "command")
-        answer = self.server.window.post_sync(self.client_ip)
-        self.server.set_state(self.request, "busy")
-        self.reply(*answer)
+        try:
+            return phase(self.client_ip)
+        finally:
+            self.server.set_state(self.request, "busy")
 
     def serve_status(self):
         state = self.server.window.status()
@@ -3463,6 +3463,8 @@ def cmd_tag(args, cfg):
         if not cfg.secret_file:
             raise ConfigError("--secret-new needs --secret-file PATH (SYNCHOOK_SECRET_FILE in "
                               "the config): where the daemon reads the secret")
+        # The daemon will refuse a secret file in a directory others can change.
+        check_trusted(os.path.dirname(os.path.abspath(cfg.secret_file)), "--secret-file")
         import secrets                                   # a tool: never in a window
         cfg.secret = secrets.token_urlsafe(24)          # URL-safe: nothing to %-encode
         try:
@@ -3810,8 +3812,7 @@ def main(argv=None):
     try:
         if command == "tag" and args.secret_new:
             # The secret file is about to be written: only its name is needed now.
-            cfg = resolve_config(args, check_files=False)
-            return cmd_tag(args, resolve_config_for_new_secret(args, cfg))
+            return cmd_tag(args, resolve_config(args, check_files=False))
         cfg = resolve_config(args, check_files=not parse_only)
         if parse_only:
             print("ok   settings are valid (syntax and values; no file opened, nothing run)")
@@ -3833,15 +3834,6 @@ def main(argv=None):
         return 2
     finally:
         log.close()
-
-
-def resolve_config_for_new_secret(args, cfg):
-    """tag --secret-new: the settings with the secret file checked as the daemon
-    will check it, once the new secret is in it."""
-    if cfg.secret_file:
-        check_trusted(os.path.dirname(os.path.abspath(cfg.secret_file)), "--secret-file")
-    cfg.secret = ""
-    return cfg
 
 
 def wants_syslog(args):
