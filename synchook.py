@@ -631,7 +631,8 @@ SYNCHOOK_NAME=value line in --config; a flag wins over the variable, the
 variable over the file, the file over the default.
 
 Examples:
-  synchook.py --sync 'fsfreeze -f /data' --post-sync 'fsfreeze -u /data'
+  synchook.py --freeze /data
+  synchook.py --sync 'redis-cli SAVE && sync' --freeze all --max-hold 120
   SYNCHOOK_SECRET_FILE=/etc/synchook.secret synchook.py --allow 10.0.0.2
   synchook.py check --parse-only --config /etc/synchook.conf
   synchook.py tag --config /etc/synchook.conf
