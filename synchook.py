@@ -41,6 +41,7 @@ sys.dont_write_bytecode = True
 import base64  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
+import email.utils  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import gc  # noqa: E402
@@ -112,6 +113,8 @@ CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
 MARKER_FILE = "window.json"        # inside --runtime-dir while a window is open
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+CLOCK_BOOTTIME = 7                 # Linux's clock id (time.CLOCK_BOOTTIME is 3.7+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")   # the unit of a start time in /proc/PID/stat
 HOOK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 HOOK_LEFTOVER = re.compile(
     r"\.(dpkg-[a-z]+|ucf-[a-z]+|rpmnew|rpmsave|rpmorig|orig|bak|swp|tmp|disabled)$")
@@ -1036,8 +1039,11 @@ class Canceller(WakePipe):
         self.poke()
 
     def clear(self):
-        self.flag = False
-        self.drain()
+        """Callers hold the window's lock, as set()'s callers do: a flag seen
+        clear means an empty pipe."""
+        if self.flag:
+            self.flag = False
+            self.drain()
 
     def is_set(self):
         return self.flag
@@ -1142,7 +1148,8 @@ def end_process_group(proc, label):
         proc.wait(KILL_WAIT)
     except subprocess.TimeoutExpired:
         # Stuck in the kernel (a write to a frozen filesystem?): leave it, the
-        # request must not wait for it.  subprocess reaps it later.
+        # request must not wait for it.  The next spawn reaps it.
+        ABANDONED.append(proc)
         log.error("%s: process %d did not exit after SIGKILL; leaving it", label, proc.pid)
 
 
@@ -1176,30 +1183,123 @@ EXEC_ERRORS = {
 }
 
 
+class Child:
+    """A command started by os.posix_spawn: the part of subprocess.Popen that
+    synchook uses (pid, poll, wait, returncode, stdin), for a pid of our own."""
+
+    def __init__(self, pid, argv):
+        self.pid = pid
+        self.args = argv
+        self.returncode = None
+        self.stdin = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:        # reaped elsewhere: no status to tell
+                pid, status = self.pid, 255 << 8
+            if pid:
+                self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                                   else os.WEXITSTATUS(status))
+        return self.returncode
+
+    def wait(self, timeout):
+        """Popen.wait's polling, with its TimeoutExpired."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+        return self.returncode
+
+
+# Commands are started with os.posix_spawn where Python has it (3.8+): a vfork
+# and an exec, without subprocess's Python around them (tens of microseconds
+# on each /sync).  It closes no descriptor: every descriptor synchook opens is
+# close-on-exec (PEP 446), and those it inherited are made so at start
+# (prepare_for_commands).  Python 3.6/3.7, a libc without setsid for
+# posix_spawn, or no /proc to find inherited descriptors: subprocess.Popen.
+USE_POSIX_SPAWN = [hasattr(os, "posix_spawn")]
+ABANDONED = []                     # children that outlived SIGKILL: reaped later
+
+
+def prepare_for_commands():
+    """Before the first command: cwd / (no mount kept busy, and the commands'
+    cwd); SIGCHLD to its default (an ignored SIGCHLD, inherited from whoever
+    started us, would make every exit status vanish); and every inherited
+    descriptor above 2 close-on-exec, so that posix_spawn passes commands
+    nothing but their stdin, stdout and stderr (as Popen's close_fds does)."""
+    os.chdir("/")
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        USE_POSIX_SPAWN[0] = False
+        return
+    for name in names:
+        if int(name) > 2:
+            try:
+                os.set_inheritable(int(name), False)
+            except OSError:                  # listdir's own descriptor, closed now
+                pass
+
+
+def start_process(argv, env, stdin, output):
+    """argv started in a new session (its own process group, no terminal),
+    stdin and stdout+stderr on the given descriptors, cwd the daemon's (/)."""
+    if USE_POSIX_SPAWN[0]:
+        actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, output, 1),  # novermin
+                   (os.POSIX_SPAWN_DUP2, output, 2)]  # novermin
+        try:
+            # Python ignores SIGPIPE and SIGXFSZ; a command gets the defaults, as
+            # Popen gives them, and no blocked signal.
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions,  # novermin
+                                 setsid=True, setsigmask=(),
+                                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            return Child(pid, argv)
+        except NotImplementedError:          # no POSIX_SPAWN_SETSID in this libc
+            USE_POSIX_SPAWN[0] = False
+    return subprocess.Popen(argv, stdin=stdin, stdout=output, stderr=output, env=env,
+                            cwd="/", start_new_session=True, close_fds=True)
+
+
+def reap_abandoned():
+    for proc in list(ABANDONED):
+        if proc.poll() is not None:
+            ABANDONED.remove(proc)
+
+
 def spawn(argv, env, hold=False):
     """Start argv in a new session (its own process group) with stdout and
-    stderr on one pipe; returns (proc, read end of that pipe).
+    stderr on one pipe; returns (proc, read end of that pipe).  proc.start_ticks
+    is the range of boot clock ticks in which it started (for the marker).
 
     Each resource is taken here, one at a time, so that a failure names its
     real cause: CannotStart for a missing /dev/null, no descriptor or no fork;
     OSError (errno in EXEC_ERRORS) when exec() refused argv[0] itself.  With
-    hold=True, stdin is a pipe (proc.stdin) instead of /dev/null.
+    hold=True, stdin is a pipe (proc.stdin, unbuffered) instead of /dev/null.
     """
-    null = read_end = write_end = None
+    reap_abandoned()
+    stdin = stdin_end = read_end = write_end = None
     try:
-        if not hold:
-            try:
-                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as err:
-                raise CannotStart("cannot open %s: %s" % (os.devnull, err.strerror))
         try:
+            if hold:
+                stdin, stdin_end = os.pipe()
+            else:
+                try:
+                    stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as err:
+                    raise CannotStart("cannot open %s: %s" % (os.devnull, err.strerror))
             read_end, write_end = os.pipe()
         except OSError as err:
             raise CannotStart("cannot create a pipe: %s" % err.strerror)
+        first = boot_ticks()
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if hold else null,
-                                    stdout=write_end, stderr=write_end, env=env, cwd="/",
-                                    start_new_session=True, close_fds=True)
+            proc = start_process(argv, env, stdin, write_end)
         except OSError as err:
             if err.errno in EXEC_ERRORS and argv[0] != SHELL:
                 raise
@@ -1208,12 +1308,16 @@ def spawn(argv, env, hold=False):
             if err.errno in (errno.EMFILE, errno.ENFILE):
                 raise CannotStart("cannot create a pipe: %s" % err.strerror)
             raise CannotStart("fork: %s" % err.strerror)
+        proc.start_ticks = (first, boot_ticks())
+        if hold:
+            proc.stdin, stdin_end = open(stdin_end, "wb", buffering=0), None
     except BaseException:
-        if read_end is not None:
-            os.close(read_end)
+        for fd in (read_end, stdin_end):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
-        for fd in (null, write_end):
+        for fd in (stdin, write_end):
             if fd is not None:
                 os.close(fd)
     return proc, read_end
@@ -1831,6 +1935,8 @@ class SyncWindow:
         self.stopped = False
         self.released_by_watchdog = False
         self.opened_at = None          # wall clock, for /status
+        self.opened_iso = None         # the same, as the marker writes it
+        self.pid = os.getpid()
         self.opened_mono = None        # monotonic, for the window's ceiling
         self.opened_by = None
         self.deadline = None           # monotonic; set once the sync phase ended
@@ -1962,6 +2068,7 @@ class SyncWindow:
             self.cancel.clear()
             self.released_by_watchdog = False
             self.opened_at = time.time()
+            self.opened_iso = iso(self.opened_at)
             self.opened_mono = time.monotonic()
             self.opened_by = client
             self.deadline = None
@@ -2020,8 +2127,7 @@ class SyncWindow:
     def _track(self, proc):
         """Note a process group started for this window, so that a restart
         after a crash can end it before running the post phase."""
-        info = proc_stat(proc.pid)
-        self.groups.append({"pgid": proc.pid, "start": info[2] if info else None})
+        self.groups.append({"pgid": proc.pid, "start": list(proc.start_ticks)})
         self.write_marker()
 
     def _announce_freeze(self, points):
@@ -2031,7 +2137,7 @@ class SyncWindow:
         self.write_marker()
 
     def write_marker(self):
-        data = json.dumps({"pid": os.getpid(), "opened_at": iso(self.opened_at),
+        data = json.dumps({"pid": self.pid, "opened_at": self.opened_iso,
                            "client": self.opened_by, "boot_id": boot_id(),
                            "groups": self.groups, "frozen": self.freezing,
                            "post_done": self.post_done})
@@ -2093,6 +2199,7 @@ class SyncWindow:
         with self.cond:
             self.is_open = True
             self.opened_at = time.time()
+            self.opened_iso = iso(self.opened_at)
             self.opened_mono = time.monotonic()
             self.opened_by = "restart"
             self.post_rest = [step for step in self.phases.post_plan() if step[0] not in done]
@@ -2180,6 +2287,24 @@ def proc_stat(pid):
         return None
 
 
+def boot_ticks():
+    """Now, in the clock and unit of a start time in /proc/PID/stat."""
+    return int(time.clock_gettime(CLOCK_BOOTTIME) * CLOCK_TICKS)
+
+
+def started_within(start, recorded):
+    """Whether a process that started at `start` (clock ticks since boot) is the
+    one recorded as started within [first, last] (taken around its spawn).  The
+    range is read from the clock rather than /proc/PID/stat, which blocks until
+    the child's exec() is done; 1.1.0 recorded one exact value."""
+    if isinstance(recorded, int):
+        return start == recorded
+    if (isinstance(recorded, list) and len(recorded) == 2 and
+            all(isinstance(tick, int) for tick in recorded)):
+        return recorded[0] - 1 <= start <= recorded[1] + 1
+    return False
+
+
 def group_members(pgid):
     """The live (not zombie) processes of process group pgid, from /proc."""
     members = []
@@ -2213,7 +2338,7 @@ def end_leftover_groups(info):
         if pgid <= 1:
             continue
         leader = proc_stat(pgid)
-        if leader is not None and leader[2] != group.get("start"):
+        if leader is not None and not started_within(leader[2], group.get("start")):
             continue                          # pid reused by an unrelated process
         if not group_members(pgid):
             continue
@@ -2295,6 +2420,14 @@ class SendAll:
 
     def close(self):
         self.closed = True
+
+
+def http_date(cache=[None, ""]):
+    """Now as an HTTP Date header value, formatted once per second."""
+    now = int(time.time())
+    if cache[0] != now:
+        cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return cache[1]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -2521,22 +2654,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if close or 400 <= status < 500:      # after a refusal, trust nothing that follows
             self.close_connection = True
             self.refused = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
+        lines = ["%s %d %s" % (self.protocol_version, status, self.responses[status][0]),
+                 "Server: " + self.server_version, "Date: " + http_date(),
+                 "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+        lines.extend("%s: %s" % item for item in (headers or {}).items())
         if self.close_connection:
-            self.send_header("Connection", "close")
+            lines.append("Connection: close")
         # Head and body in one write: one segment on the wire, no Nagle wait.
-        self._headers_buffer.append(b"\r\n")
-        if self.command != "HEAD":
-            self._headers_buffer.append(body)
-        self.flush_headers()
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
         if self.close_connection and self.connection is self.request:
             self.connection.shutdown(socket.SHUT_WR)   # the client sees the end at once
+        if log.level > LEVELS["info"]:
+            return                            # request lines are info lines
         path = self.path.partition("?")[0]
         line = ("%s %s %s %d %.3fs", self.client_ip, self.command or "-", escape(path, 200),
                 status, time.monotonic() - self.started)
@@ -3823,7 +3953,7 @@ def main(argv=None):
         if command == "status":
             return cmd_status(args, cfg)
         log.start(cfg.log_level, cfg.syslog)
-        os.chdir("/")              # no mount is kept busy by the daemon's cwd
+        prepare_for_commands()
         if command == "check":
             return cmd_check(cfg)
         return cmd_serve(cfg)
