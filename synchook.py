@@ -55,7 +55,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
-import selectors  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import socketserver  # noqa: E402
@@ -1225,6 +1224,17 @@ class Child:
 # posix_spawn, or no /proc to find inherited descriptors: subprocess.Popen.
 USE_POSIX_SPAWN = [hasattr(os, "posix_spawn")]
 ABANDONED = []                     # children that outlived SIGKILL: reaped later
+DEV_NULL = []                      # /dev/null, the commands' stdin, once it could be opened
+
+
+def dev_null():
+    """/dev/null, opened once for all commands (CannotStart while it cannot be)."""
+    if not DEV_NULL:
+        try:
+            DEV_NULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as err:
+            raise CannotStart("cannot open %s: %s" % (os.devnull, err.strerror))
+    return DEV_NULL[0]
 
 
 def prepare_for_commands():
@@ -1235,6 +1245,10 @@ def prepare_for_commands():
     nothing but their stdin, stdout and stderr (as Popen's close_fds does)."""
     os.chdir("/")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        dev_null()                           # else the first command opens it
+    except CannotStart:
+        pass
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
@@ -1286,20 +1300,16 @@ def spawn(argv, env, hold=False):
     reap_abandoned()
     stdin = stdin_end = read_end = write_end = None
     try:
+        null = None if hold else dev_null()
         try:
             if hold:
                 stdin, stdin_end = os.pipe()
-            else:
-                try:
-                    stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as err:
-                    raise CannotStart("cannot open %s: %s" % (os.devnull, err.strerror))
             read_end, write_end = os.pipe()
         except OSError as err:
             raise CannotStart("cannot create a pipe: %s" % err.strerror)
         first = boot_ticks()
         try:
-            proc = start_process(argv, env, stdin, write_end)
+            proc = start_process(argv, env, null if stdin is None else stdin, write_end)
         except OSError as err:
             if err.errno in EXEC_ERRORS and argv[0] != SHELL:
                 raise
@@ -1607,15 +1617,15 @@ class Phases:
         self.hold = Hold(cfg.hold) if cfg.hold else None
         self.freezer = Freezer(cfg.freeze, cfg.freeze_under) if cfg.freeze else None
         self.freezing = freezing          # `check` lists what it would freeze, freezes nothing
-        # os.environ decodes every variable on each copy; the daemon's own
-        # environment does not change, so copy it once.
-        self.base_env = dict(os.environ)
-        self.base_env.pop("SYNCHOOK_SECRET", None)
+        # The daemon's own environment does not change: copied once, as the
+        # bytes exec() takes (os.environ would decode it, spawning encode it).
+        self.base_env = dict(os.environb)
+        self.base_env.pop(b"SYNCHOOK_SECRET", None)
 
     def env(self, phase, client):
         env = dict(self.base_env)
-        env["SYNCHOOK_PHASE"] = phase
-        env["SYNCHOOK_CLIENT"] = client
+        env[b"SYNCHOOK_PHASE"] = phase.encode()
+        env[b"SYNCHOOK_CLIENT"] = client.encode()
         return env
 
     def hooks(self):
@@ -1942,6 +1952,7 @@ class SyncWindow:
         self.deadline = None           # monotonic; set once the sync phase ended
         self.window_answer = None      # what this window's /sync answered
         self.groups = []               # process groups started for this window
+        self.watchdog_told = False     # woken since the window opened (see _track)
         self.freezing = []             # mount points --freeze is about to freeze
         self.post_rest = None          # post steps still owed, once the post phase began
         self.post_results = []         # results of the post steps that ran
@@ -2003,7 +2014,8 @@ class SyncWindow:
                 with self.cond:
                     self.syncing = False
                     self.deadline = time.monotonic() + self.max_hold
-                    self.cond.notify_all()
+                    if not self.watchdog_told:    # else it looks again in time
+                        self.cond.notify_all()
             self.window_answer = phase_answer(steps)
             self._record("sync", steps)
             return self.window_answer
@@ -2074,7 +2086,8 @@ class SyncWindow:
             self.deadline = None
             self.groups, self.freezing = [], []
             self.post_rest, self.post_results, self.post_done = None, [], []
-        self.write_marker()
+            self.watchdog_told = False
+        self.write_marker(new=True)
         log.info("window opened by %s", client)
 
     def _close(self, client, why):
@@ -2129,6 +2142,13 @@ class SyncWindow:
         after a crash can end it before running the post phase."""
         self.groups.append({"pgid": proc.pid, "start": list(proc.start_ticks)})
         self.write_marker()
+        with self.cond:
+            # Wake the watchdog now, while the command runs, rather than when
+            # the sync phase ends: the thread it wakes then competes with the
+            # answer for the interpreter.  It looks again every max-hold.
+            if not self.watchdog_told:
+                self.watchdog_told = True
+                self.cond.notify_all()
 
     def _announce_freeze(self, points):
         """Before --freeze freezes anything: the marker names what may be frozen,
@@ -2136,14 +2156,23 @@ class SyncWindow:
         self.freezing = points
         self.write_marker()
 
-    def write_marker(self):
+    def write_marker(self, new=False):
+        """Write the marker: created in place when the window opens (new=True),
+        replaced whole afterwards.  An empty or torn marker still means "open",
+        and a new one has nothing to lose yet; once it names process groups, a
+        replaced one is never seen half written."""
         data = json.dumps({"pid": self.pid, "opened_at": self.opened_iso,
                            "client": self.opened_by, "boot_id": boot_id(),
                            "groups": self.groups, "frozen": self.freezing,
-                           "post_done": self.post_done})
+                           "post_done": self.post_done}).encode() + b"\n"
         try:
-            # Even a torn marker means "open"; a replaced one is never torn.
-            write_new_file(self.marker, data.encode() + b"\n")
+            if new:
+                try:
+                    write_in_new_file(self.marker, data)
+                    return
+                except FileExistsError:       # left by a failed removal: replaced
+                    pass
+            write_new_file(self.marker, data)
         except OSError as err:
             log.error("cannot write window marker %s: %s (a crash now would not be "
                       "recovered at restart)", self.marker, err.strerror)
@@ -2217,6 +2246,8 @@ class SyncWindow:
                         if left <= 0:
                             break
                         self.cond.wait(left)
+                    elif self.is_open:           # the sync phase runs: no deadline yet
+                        self.cond.wait(self.max_hold)
                     else:
                         self.cond.wait()
             self._take_turn()
@@ -2715,23 +2746,6 @@ class Waker(WakePipe):
         self.poke()
 
 
-class Slot:
-    """Hands one connection to a parked worker thread."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.job = (None, None)
-
-    def hand(self, request, client_address):
-        self.job = (request, client_address)
-        self.lock.release()
-
-    def take(self):
-        self.lock.acquire()
-        return self.job
-
-
 class Connection:
     __slots__ = ("sock", "state", "since")
 
@@ -2755,8 +2769,9 @@ class SyncHookServer(ThreadingHTTPServer):
         self.started = time.monotonic()
         self.connections = {}
         self.connections_lock = threading.Lock()
-        self.idle_workers = []
+        self.spares = 0                   # connection threads in (or on their way to) accept()
         self.accept_paused = False
+        self.descriptor_freed = threading.Event()
         self.secret_digest = None
         if cfg.secret:
             secret = cfg.secret.encode("utf-8", "surrogateescape")
@@ -2772,52 +2787,95 @@ class SyncHookServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    # The accept loop: blocks until a connection or a signal, nothing else.
+    # Threads.  Each connection thread accepts its own connection: spare ones
+    # wait in accept() (blocked: no wake-up while idle; the kernel wakes one
+    # per connection), so that a connection is served by the very thread the
+    # kernel woke, with no hand-over to another thread on its way (that cost
+    # tens of microseconds on each /sync).  The main thread waits for signals
+    # and the stop, nothing else.
     def serve(self):
-        """Accept connections until the waker says stop.
+        """Serve until the waker says stop, then stop accepting; False when
+        no connection thread could be started at all.
 
         Signals may be delivered to any thread; Python runs their handlers in
-        this one, and set_wakeup_fd (the waker's pipe) makes sure this loop
-        wakes to let it.  Out of descriptors, accepting pauses instead of
-        spinning on EMFILE, until a connection closes or ACCEPT_PAUSE passes.
+        this one, and set_wakeup_fd (the waker's pipe) makes sure it wakes to
+        let it.
         """
-        waker = self.waker
-        with selectors.DefaultSelector() as selector:
-            selector.register(self, selectors.EVENT_READ)
-            selector.register(waker.read_fd, selectors.EVENT_READ)
-            resume_at = None
-            while not waker.stopping:
-                timeout = None if resume_at is None else max(0.0, resume_at - time.monotonic())
-                ready = [key.fileobj for key, _ in selector.select(timeout)]
-                if waker.read_fd in ready:
-                    waker.drain()
-                if resume_at is not None and (not self.accept_paused or
-                                              time.monotonic() >= resume_at):
-                    selector.register(self, selectors.EVENT_READ)
-                    resume_at, self.accept_paused = None, False
-                    ready.append(self)
-                if self in ready and not waker.stopping and not self.accept_one():
-                    selector.unregister(self)
-                    resume_at, self.accept_paused = time.monotonic() + ACCEPT_PAUSE, True
+        started = self.add_spare()
+        if started:
+            poller = select.poll()
+            poller.register(self.waker.read_fd, select.POLLIN)
+            while not self.waker.stopping:
+                poller.poll()
+                self.waker.drain()
+        self.stop_accepting()
+        return started
 
-    def accept_one(self):
-        """socketserver's _handle_request_noblock; False when out of descriptors."""
+    def stop_accepting(self):
         try:
-            request, client_address = self.get_request()
-        except OSError as err:
-            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.warning("cannot accept a connection: %s; pausing", err.strerror)
-                return False
-            return True                       # the client left before we took it
-        if self.verify_request(request, client_address):
+            # Wakes every thread blocked in accept() (Linux: EINVAL), which
+            # closing the socket alone would not.
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.socket.close()
+
+    def add_spare(self):
+        """Start one more thread waiting for a connection; False if it cannot start."""
+        with self.connections_lock:
+            self.spares += 1
+        try:
+            threading.Thread(target=self._connections, name="connection", daemon=True).start()
+            return True
+        except RuntimeError as err:          # no thread can be started now
+            with self.connections_lock:
+                self.spares -= 1
+            log.error("cannot start a connection thread: %s", err)
+            return False
+
+    def _connections(self):
+        """A connection thread: accept a connection, serve it, and again, while
+        fewer than IDLE_WORKERS others wait; the last spare starts the next
+        one before it serves, so that someone always accepts."""
+        while True:
+            request, client_address = self.accept_next()
+            with self.connections_lock:
+                self.spares -= 1
+                last = self.spares == 0
+            if request is None:
+                return
+            if last and not self.waker.stopping:
+                self.add_spare()
+            self.serve_connection(request, client_address)
+            with self.connections_lock:
+                if self.spares >= IDLE_WORKERS or self.waker.stopping:
+                    return
+                self.spares += 1
+
+    def accept_next(self):
+        """The next connection, or (None, None) once stopping.  Out of
+        descriptors, waits (ACCEPT_PAUSE, or until a connection closes)
+        instead of spinning on EMFILE."""
+        while not self.waker.stopping:
             try:
-                self.process_request(request, client_address)
-            except Exception:                 # noqa: BLE001 (no thread: RuntimeError)
-                self.handle_error(request, client_address)
-                self.shutdown_request(request)
+                return self.get_request()
+            except OSError as err:
+                if self.waker.stopping:
+                    break
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept a connection: %s; pausing", err.strerror)
+                    self.accept_paused = True
+                    self.descriptor_freed.wait(ACCEPT_PAUSE)
+                    self.descriptor_freed.clear()
+                    self.accept_paused = False
+                # else: the client left before it was taken
+        return None, None
+
+    def serve_connection(self, request, client_address):
+        if self.verify_request(request, client_address):
+            self.process_request_thread(request, client_address)   # errors handled there
         else:
             self.shutdown_request(request)
-        return True
 
     # Who may connect, and how many ---------------------------------------------
     @staticmethod
@@ -2879,34 +2937,12 @@ class SyncHookServer(ThreadingHTTPServer):
                 conn.state = state
                 conn.since = time.monotonic()
 
-    # Threads: one per connection, as ThreadingMixIn does, but a thread that
-    # finished a connection waits (blocked, no polling) for the next one
-    # instead of exiting: starting a thread costs more than a /sync's parsing.
-    def process_request(self, request, client_address):
-        with self.connections_lock:
-            if self.idle_workers:
-                self.idle_workers.pop().hand(request, client_address)
-                return
-        threading.Thread(target=self._work, args=(request, client_address),
-                         name="connection", daemon=True).start()
-
-    def _work(self, request, client_address):
-        while request is not None:
-            self.process_request_thread(request, client_address)
-            slot = Slot()
-            with self.connections_lock:
-                if len(self.idle_workers) >= IDLE_WORKERS:
-                    return
-                self.idle_workers.append(slot)
-            request, client_address = slot.take()
-
     def shutdown_request(self, request):
         with self.connections_lock:
             self.connections.pop(request, None)
         ThreadingHTTPServer.shutdown_request(self, request)
         if self.accept_paused:                # a descriptor is free: accept again
-            self.accept_paused = False
-            self.waker.poke()
+            self.descriptor_freed.set()
 
     def handle_error(self, request, client_address):
         err = sys.exc_info()[1]
@@ -3298,6 +3334,23 @@ def fd_path(fd, path):
     return proc if os.path.exists(proc) else path
 
 
+def write_in_new_file(path, data):
+    """Create path (never an existing name, never through a symlink), 0600,
+    holding data: in a private directory, three system calls instead of five."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_new_file(path, data, sync=False):
     """Replace path with a new 0600 file holding data.
 
@@ -3319,9 +3372,7 @@ def write_new_file(path, data, sync=False):
         raise OSError(errno.EEXIST, "cannot pick a temporary name", directory)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if sync:
                 os.fsync(fd)
         finally:
@@ -3898,12 +3949,11 @@ def cmd_serve(cfg):
         gc.freeze()  # novermin
     log.serving()
     notify_systemd("READY=1\nSTATUS=listening on port %d" % port)
-    server.serve()
+    served = server.serve()
     notify_systemd("STOPPING=1")
-    server.socket.close()                       # stop accepting
     released = window.shutdown()
     log.info("stopped" if released else "stopped with the post phase owed")
-    return 0 if released else 1
+    return 0 if released and served else 1
 
 
 def reopen_standard_fds():
