@@ -62,6 +62,7 @@ import stat  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
+import _thread  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
 
@@ -1999,9 +2000,11 @@ class SyncWindow:
                 with self.cond:
                     # XO's checkpoint fallback repeats /sync once; a hard ceiling
                     # keeps anyone else from holding the guest frozen for ever.
-                    self.deadline = min(time.monotonic() + self.max_hold,
-                                        self.opened_mono + 2 * self.max_hold)
-                    self.cond.notify_all()
+                    deadline = min(time.monotonic() + self.max_hold,
+                                   self.opened_mono + 2 * self.max_hold)
+                    if self.deadline is None or deadline < self.deadline:
+                        self.cond.notify_all()   # else the watchdog wakes in time anyway
+                    self.deadline = deadline
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
             self._open(client)
@@ -2401,10 +2404,59 @@ HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs but TAB, in a 
 ROUTES = {"/sync": "sync", "/post-sync": "post_sync", "/status": "status"}
 
 
+class Headers:
+    """A request's header fields, as the handler reads them (get: the first
+    value, get_all: every one, names in any case), without the email parser's
+    machinery that http.client.HTTPMessage brings to every request."""
+    __slots__ = ("fields",)
+
+    def __init__(self):
+        self.fields = {}
+
+    def add(self, name, value):
+        self.fields.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self.fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name):
+        return self.fields.get(name.lower())
+
+
 class BadHead(Exception):
     def __init__(self, status, reason):
         Exception.__init__(self, reason)
         self.status = status
+
+
+# A non-blocking socket's "not now", plain or TLS.
+SSL_WANTS_READ = (ssl.SSLWantReadError,) if ssl else ()
+SSL_WANTS_WRITE = (ssl.SSLWantWriteError,) if ssl else ()
+
+
+def by_deadline(sock, deadline, late, writing, call, *args):
+    """call(*args) on a non-blocking socket, waiting whenever it would block,
+    until deadline (then socket.timeout(late)).  The call is tried first: the
+    data is mostly there already, and a socket timeout would poll() before
+    every read and write, a system call and a turn of the interpreter lock
+    each (and restart at every byte, which a slow client could use)."""
+    while True:
+        try:
+            return call(*args)
+        except BlockingIOError:
+            wants_write = writing
+        except SSL_WANTS_READ:
+            wants_write = False
+        except SSL_WANTS_WRITE:
+            wants_write = True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(late)
+        if wants_write:
+            wait_ready([], left, [sock])
+        else:
+            wait_ready([sock], left)
 
 
 class DeadlineReader(io.RawIOBase):
@@ -2419,11 +2471,8 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
-        left = self.handler.deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("request head not complete in time")
-        self.sock.settimeout(left)
-        return self.sock.recv_into(buffer)
+        return by_deadline(self.sock, self.handler.deadline, "request head not complete in time",
+                           False, self.sock.recv_into, buffer)
 
 
 class SendAll:
@@ -2439,11 +2488,9 @@ class SendAll:
     def write(self, data):
         view = memoryview(data)
         while view:
-            left = self.handler.write_deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("answer not taken by the client in time")
-            self.sock.settimeout(left)
-            view = view[self.sock.send(view):]
+            view = view[by_deadline(self.sock, self.handler.write_deadline,
+                                    "answer not taken by the client in time", True,
+                                    self.sock.send, view):]
         return len(data)
 
     def flush(self):
@@ -2472,6 +2519,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Connection set-up ------------------------------------------------------
     def setup(self):
         self.connection = self.request
+        self.conn = self.server.connection_of(self.request)
         self.client_ip = self.server.client_ip(self.client_address)
         self.dropped = False
         self.started = time.monotonic()
@@ -2539,6 +2587,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (OSError, ValueError):
             pass
 
+    def mark(self, state):
+        """This connection's state, which the eviction of the oldest idle
+        connection reads (under the server's lock; two attribute writes need
+        no lock of their own, and a victim chosen a moment early is harmless)."""
+        conn = self.conn
+        if conn is not None:
+            conn.state, conn.since = state, time.monotonic()
+
     # Reading one request ----------------------------------------------------
     def read_head(self):
         """Request line and headers, bounded in size and count; None at EOF."""
@@ -2569,7 +2625,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise BadHead(400, "malformed header line")
 
     def handle_one_request(self):
-        self.server.set_state(self.request, "idle")
+        self.mark("idle")
         self.deadline = time.monotonic() + self.server.cfg.header_timeout
         self.command, self.path, self.request_version = None, "-", "HTTP/1.1"
         try:
@@ -2585,7 +2641,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if head is None:
             self.close_connection = True
             return
-        self.server.set_state(self.request, "busy")
+        self.mark("busy")
         self.started = time.monotonic()
         self.requests += 1
         try:
@@ -2613,14 +2669,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
             raise BadHead(505, "HTTP version not supported")
         self.command, self.path, self.request_version = words
-        self.headers = http.client.HTTPMessage()
+        self.headers = Headers()
         for line in lines[1:]:
             line = line[:-1] if line.endswith("\r") else line
             if HEADER_CONTROL.search(line):
                 raise BadHead(400, "control character in a header")
             name, _, value = line.partition(":")
             if name:
-                self.headers[name] = value.strip(" \t")
+                self.headers.add(name, value.strip(" \t"))
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = (connection == "close" or
                                  (words[2] == "HTTP/1.0" and connection != "keep-alive"))
@@ -2662,11 +2718,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def wait_on_window(self, phase):
         """phase(client)'s answer; while it waits, this connection is never the
         one evicted to make room."""
-        self.server.set_state(self.request, "command")
+        self.mark("command")
         try:
             return phase(self.client_ip)
         finally:
-            self.server.set_state(self.request, "busy")
+            self.mark("busy")
 
     def serve_status(self):
         state = self.server.window.status()
@@ -2696,6 +2752,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(head if self.command == "HEAD" else head + body)
         if self.close_connection and self.connection is self.request:
             self.connection.shutdown(socket.SHUT_WR)   # the client sees the end at once
+            if self.conn is not None:
+                self.conn.ended = True
         if log.level > LEVELS["info"]:
             return                            # request lines are info lines
         path = self.path.partition("?")[0]
@@ -2747,12 +2805,13 @@ class Waker(WakePipe):
 
 
 class Connection:
-    __slots__ = ("sock", "state", "since")
+    __slots__ = ("sock", "state", "since", "ended")
 
     def __init__(self, sock):
         self.sock = sock
         self.state = "new"
         self.since = time.monotonic()
+        self.ended = False             # our side already shut down (the last answer sent)
 
 
 class SyncHookServer(ThreadingHTTPServer):
@@ -2825,7 +2884,10 @@ class SyncHookServer(ThreadingHTTPServer):
         with self.connections_lock:
             self.spares += 1
         try:
-            threading.Thread(target=self._connections, name="connection", daemon=True).start()
+            # Not threading.Thread: its start() waits until the new thread runs,
+            # a hand-over of the interpreter lock on the way of a burst of
+            # connections.  A bare thread is a daemon thread: exit ends it.
+            _thread.start_new_thread(self._connections, ())
             return True
         except RuntimeError as err:          # no thread can be started now
             with self.connections_lock:
@@ -2930,17 +2992,17 @@ class SyncHookServer(ThreadingHTTPServer):
             self.connections[request] = Connection(request)
         return True
 
-    def set_state(self, request, state):
+    def connection_of(self, request):
         with self.connections_lock:
-            conn = self.connections.get(request)
-            if conn is not None:
-                conn.state = state
-                conn.since = time.monotonic()
+            return self.connections.get(request)
 
     def shutdown_request(self, request):
         with self.connections_lock:
-            self.connections.pop(request, None)
-        ThreadingHTTPServer.shutdown_request(self, request)
+            conn = self.connections.pop(request, None)
+        if conn is not None and conn.ended:    # reply() shut it down already
+            self.close_request(request)
+        else:
+            ThreadingHTTPServer.shutdown_request(self, request)
         if self.accept_paused:                # a descriptor is free: accept again
             self.descriptor_freed.set()
 
@@ -2955,8 +3017,9 @@ class SyncHookServer(ThreadingHTTPServer):
     def negotiate(self, sock, handler):
         """Returns the socket to speak HTTP on (TLS-wrapped or not), or None."""
         mode = self.cfg.tls if self.tls_context is not None else "off"
-        sock.settimeout(max(0.001, handler.deadline - time.monotonic()))
-        first = sock.recv(1, socket.MSG_PEEK)
+        sock.setblocking(False)             # for good: see by_deadline
+        first = by_deadline(sock, handler.deadline, "no request in time", False,
+                            sock.recv, 1, socket.MSG_PEEK)
         if not first:
             return None
         is_tls = first == b"\x16"           # a TLS handshake record
@@ -3025,21 +3088,7 @@ def is_loopback(ip):
 def handshake(tls, deadline):
     """TLS handshake that ends at deadline, however slowly the client dribbles
     (a socket timeout would restart at every byte)."""
-    tls.setblocking(False)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("TLS handshake not complete in time")
-            try:
-                tls.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                wait_ready([tls], left)
-            except ssl.SSLWantWriteError:
-                wait_ready([], left, [tls])
-    finally:
-        tls.setblocking(True)
+    by_deadline(tls, deadline, "TLS handshake not complete in time", False, tls.do_handshake)
 
 
 def open_server(cfg, window, tls_context, waker):
