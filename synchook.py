@@ -22,7 +22,8 @@ sections are:
   Freezing filesystems  --freeze: FIFREEZE/FITHAW, the mount selection
   The sync window       the state machine: one window, its post phase owed once
   HTTP                  one handler: strict, bounded parsing; nothing reaches a shell
-  The server            accept loop, signals, TLS detection, allow-list, the cap
+  The server            connection threads, signals, TLS detection, allow-list,
+                        the cap
   TLS                   a self-signed certificate from the standard library
   call, check, ...      the admin's tools: call, tag, thaw, status, check
   serve, and main       start-up order (recovery first), the command line
@@ -1271,7 +1272,9 @@ def start_process(argv, env, stdin, output):
                    (os.POSIX_SPAWN_DUP2, output, 2)]  # novermin
         try:
             # Python ignores SIGPIPE and SIGXFSZ; a command gets the defaults, as
-            # Popen gives them, and no blocked signal.
+            # Popen gives them, and no blocked signal.  (glibc leaves its own
+            # internal signals, 32 and 33, ignored: programs that use them set
+            # their handlers.)
             pid = os.posix_spawn(argv[0], argv, env, file_actions=actions,  # novermin
                                  setsid=True, setsigmask=(),
                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
@@ -2772,7 +2775,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# The server: TLS detection, allow-list, connection cap, no idle wake-ups
+# The server: connection threads, TLS detection, allow-list, connection cap,
+# no idle wake-ups
 # ---------------------------------------------------------------------------
 
 if hasattr(http.server, "ThreadingHTTPServer"):
@@ -2783,9 +2787,8 @@ else:  # Python 3.6: the same class, as 3.7 defines it
 
 
 class Waker(WakePipe):
-    """Wakes the accept loop: for a signal (set_wakeup_fd writes here from
-    whichever thread the kernel gave the signal to), a stop, or a closed
-    connection while accepting is paused."""
+    """Wakes the main thread: for a signal (set_wakeup_fd writes here from
+    whichever thread the kernel gave the signal to), or the stop."""
 
     def __init__(self):
         WakePipe.__init__(self)
@@ -2793,7 +2796,7 @@ class Waker(WakePipe):
 
     def install(self):
         if sys.version_info >= (3, 7):
-            # A full pipe is harmless (the loop is awake already); no warning
+            # A full pipe is harmless (the main thread is awake already); no warning
             # on stderr for it.
             signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)  # novermin
         else:

@@ -1,6 +1,7 @@
 """Requests and answers: what runs, what is refused, what reaches the log."""
 
 import os
+import signal
 import socket
 import time
 
@@ -236,3 +237,25 @@ def test_output_past_the_cap_is_counted_not_lost():
             synchook.log.level = old_level
         lines = text.count(b"\n") + (0 if text.endswith(b"\n") else 1)
         assert logger.lines == 1000 and logger.lines + logger.suppressed == lines, text[:20]
+
+
+def test_commands_get_stdin_stdout_stderr_only_and_default_signals(start):
+    """A command sees no descriptor of the daemon's, not even one the daemon was
+    started with, and starts with SIGPIPE and SIGXFSZ at their defaults (Python
+    ignores both; a `yes | head` pipeline needs SIGPIPE) and no signal blocked.
+    (glibc's posix_spawn leaves its own internal signals 32 and 33 ignored:
+    they are not looked at.)"""
+    import sys
+    python = os.environ.get("SYNCHOOK_TEST_PYTHON") or sys.executable
+    d = start("--sync", "ls /proc/$$/fd; awk '/^Sig(Ign|Blk)/ {print $1, $2}' /proc/$$/status",
+              "--post-sync", "true",
+              command=["sh", "-c", 'exec 7</dev/null 8>&2; exec "$0" "$@"', python, SYNCHOOK])
+    assert d.get("/sync") == (200, "Ok")
+    d.wait_log(r"GET /sync 200")
+    seen = [line.split("sync| ", 1)[1] for line in d.log().splitlines() if "sync| " in line]
+    assert seen[:3] == ["0", "1", "2"] and len(seen) == 5
+    masks = dict(line.split(": ") for line in seen[3:])
+    assert int(masks["SigBlk"], 16) == 0
+    ignored = int(masks["SigIgn"], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), "signal %d ignored" % sig
