@@ -72,7 +72,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 # ---------------------------------------------------------------------------
 # Constants
