@@ -2937,10 +2937,13 @@ class SyncHookServer(ThreadingHTTPServer):
         return None, None
 
     def serve_connection(self, request, client_address):
-        if self.verify_request(request, client_address):
-            self.process_request_thread(request, client_address)   # errors handled there
-        else:
-            self.shutdown_request(request)
+        try:
+            if self.verify_request(request, client_address):
+                self.process_request_thread(request, client_address)   # errors handled there
+                return
+        except Exception:                     # noqa: BLE001 (a bug must not end the thread)
+            self.handle_error(request, client_address)
+        self.shutdown_request(request)
 
     # Who may connect, and how many ---------------------------------------------
     @staticmethod
