@@ -1304,7 +1304,7 @@ def spawn(argv, env, hold=False):
     reap_abandoned()
     stdin = stdin_end = read_end = write_end = None
     try:
-        null = None if hold else dev_null()
+        null = None if hold else dev_null()     # /dev/null first: its error is the real one
         try:
             if hold:
                 stdin, stdin_end = os.pipe()
@@ -1313,7 +1313,7 @@ def spawn(argv, env, hold=False):
             raise CannotStart("cannot create a pipe: %s" % err.strerror)
         first = boot_ticks()
         try:
-            proc = start_process(argv, env, null if stdin is None else stdin, write_end)
+            proc = start_process(argv, env, stdin if hold else null, write_end)
         except OSError as err:
             if err.errno in EXEC_ERRORS and argv[0] != SHELL:
                 raise
@@ -2439,12 +2439,16 @@ SSL_WANTS_WRITE = (ssl.SSLWantWriteError,) if ssl else ()
 
 
 def by_deadline(sock, deadline, late, writing, call, *args):
-    """call(*args) on a non-blocking socket, waiting whenever it would block,
-    until deadline (then socket.timeout(late)).  The call is tried first: the
-    data is mostly there already, and a socket timeout would poll() before
-    every read and write, a system call and a turn of the interpreter lock
-    each (and restart at every byte, which a slow client could use)."""
+    """call(*args) on a non-blocking socket before deadline (else
+    socket.timeout(late)), waiting whenever it would block.  The call is tried
+    before any wait: the data is mostly there already, and a socket timeout
+    would poll() before every read and write, a system call and a turn of the
+    interpreter lock each (and restart at every byte, which a slow client
+    could use)."""
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(late)
         try:
             return call(*args)
         except BlockingIOError:
@@ -2453,9 +2457,6 @@ def by_deadline(sock, deadline, late, writing, call, *args):
             wants_write = False
         except SSL_WANTS_WRITE:
             wants_write = True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout(late)
         if wants_write:
             wait_ready([], left, [sock])
         else:
