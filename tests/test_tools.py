@@ -275,7 +275,7 @@ echo unlock >> "$REC"
 def test_readme_mysql_recipe_with_stand_in(start, rec, tmp_path):
     import re
     readme = open(os.path.join(os.path.dirname(SYNCHOOK), "README.md")).read()
-    hold = re.search(r"    --hold '(.+)' \\\n    --sync 'sync'", readme).group(1)
+    hold = re.search(r"    --hold '(.+)' \\\n    --freeze /var/lib/mysql", readme).group(1)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "mysql").write_text(FAKE_MYSQL)
