@@ -558,10 +558,14 @@ ExecStart=$(daemon_command)
 Restart=on-failure
 RestartSec=2
 # On stop synchook lets a running hook finish, then runs the post command if a
-# window is open: give it longer than two hook timeouts. KillMode=mixed sends
-# SIGTERM to synchook alone, so a running post command is not killed under it.
+# window is open: give it longer than two hook timeouts. KillMode=process signals
+# synchook alone: it ends its own commands, and its guardian (a shell that closes
+# a window synchook could not, should synchook be killed) must outlive it.
 TimeoutStopSec=$(stop_wait)
-KillMode=mixed
+KillMode=process
+# The OOM killer's last choice (synchook lowers its own score too; its commands
+# keep the score they would have had).
+OOMScoreAdjust=-900
 # Hardening that leaves the real mounts visible: hooks run fsfreeze, which needs
 # CAP_SYS_ADMIN and the very mounts ProtectSystem, ProtectHome, PrivateTmp,
 # PrivateMounts or PrivateDevices would hide or replace (see fstrim.service).
@@ -625,8 +629,16 @@ PIDFILE=$PID_FILE
 STARTLOG=$START_LOG
 STOP_WAIT=$(stop_wait)
 
+# A zombie is not running: kill -0 succeeds on one, and waiting for it would wait
+# for whoever must reap it.
+alive() {
+    [ -n "\$1" ] && kill -0 "\$1" 2>/dev/null || return 1
+    alive_state=\$(sed 's/.*) //' "/proc/\$1/stat" 2>/dev/null | cut -c1)
+    [ "\$alive_state" != Z ]
+}
+
 running() {
-    [ -f "\$PIDFILE" ] && kill -0 "\$(cat "\$PIDFILE")" 2>/dev/null
+    [ -f "\$PIDFILE" ] && alive "\$(cat "\$PIDFILE")"
 }
 
 start() {
@@ -654,10 +666,10 @@ stop() {
     pid=\$(cat "\$PIDFILE")
     kill -TERM "\$pid"
     waited=0
-    while kill -0 "\$pid" 2>/dev/null && [ \$waited -lt \$STOP_WAIT ]; do
+    while alive "\$pid" && [ \$waited -lt \$STOP_WAIT ]; do
         sleep 1; waited=\$((waited + 1))
     done
-    kill -0 "\$pid" 2>/dev/null && kill -KILL "\$pid"
+    alive "\$pid" && kill -KILL "\$pid"
     rm -f "\$PIDFILE"
     echo "synchook stopped"
 }

@@ -106,6 +106,12 @@ RECOVER_WAIT = 5.0                 # at start, how long a leftover group may tak
 FD_RESERVE = 24                    # descriptors kept for the post phase, never for clients
 ACCEPT_PAUSE = 0.25                # out of descriptors: accept nothing for this long
 MAX_REQUESTS = 100                 # requests on one connection; then it is closed
+STATUS_ONLY_CONNECTIONS = 4        # connections of loopback clients --allow leaves out
+LOCK_FILE = "lock"                 # inside --runtime-dir: held by whoever acts on the marker
+LOCK_WAIT = 600.0                  # at start, how long a recovery under way may keep it
+RECOVER_RETRY = 60.0               # a recovery's post phase that cannot start: tried this long
+DAEMON_OOM_SCORE = -900            # oom_score_adj: the OOM killer's last choices
+GUARDIAN_OOM_SCORE = -1000         # never: it is a shell, and the safety net
 SHELL = "/bin/sh"
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FALLBACK = "/var/log/synchook.log"   # --syslog with no syslog socket at start
@@ -163,6 +169,14 @@ class Log:
     is full, lines are dropped and counted, and the count is logged later.
     The writer sleeps on a semaphore, woken once per burst, and writes a
     burst in one system call.
+
+    A sink that is a file (stderr redirected to one, or the syslog fallback
+    file) is not written at all while held: from the opening of a window to
+    its close, and at start until recovery is done.  A write to a frozen
+    filesystem waits in the kernel, uninterruptibly: a writer thread caught
+    there would keep even a SIGKILLed synchook from dying (and its port and
+    descriptors with it).  As qemu-ga turns its logging off while frozen, the
+    lines wait in the buffer and are written after the thaw.
     """
 
     def __init__(self):
@@ -179,19 +193,46 @@ class Log:
         self.echo = None               # a second sink for the start-up lines
         self.echo_until = float("inf")
         self.thread = None
+        self.sink_file = False         # the sink writes to a file: hold() applies
+        self.echo_file = False         # so does the start-up echo, until serving()
+        self.held = False
+        self.resume = threading.Event()     # set whenever not held
+        self.resume.set()
+        self.writing = threading.Lock()     # held by the writer during a file write
 
-    def start(self, level="info", syslog=False):
+    def start(self, level="info", syslog=False, held=False):
         """Start the writer.  With syslog, lines also go to stderr until serving()
         (an init script shows a failed start's own error line), and where no
-        syslog socket exists they go to SYSLOG_FALLBACK instead."""
+        syslog socket exists they go to SYSLOG_FALLBACK instead.  held: write
+        no file until release() (start-up, until recovery has thawed)."""
         self.level = LEVELS[level]
         if syslog:
             self.sink = syslog_or_file()
             self.echo = StderrSink()
+        self.sink_file = self.sink.is_file()
+        self.echo_file = self.echo is not None and self.echo.is_file()
+        if held:
+            self.hold()
         self.thread = threading.Thread(target=self._write_loop, name="log", daemon=True)
         self.thread.start()
         if isinstance(self.sink, FileSink):
             self.warning("no syslog socket at %s: logging to %s", SYSLOG_SOCKET, self.sink.path)
+
+    def hold(self):
+        """Write no file from now on, until release(); a file write already
+        under way is waited for (1 s at most), so that none is left to meet a
+        freeze that follows."""
+        if not (self.sink_file or (self.echo_file and self.echo_until == float("inf"))):
+            return
+        self.held = True
+        self.resume.clear()
+        if self.writing.acquire(timeout=1.0):
+            self.writing.release()
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.resume.set()
 
     def serving(self):
         """Start-up is over: from now on, lines go to the sink alone."""
@@ -254,27 +295,17 @@ class Log:
     def _write_once(self):
         """Write what is pending, or sleep until there is some; True when closed."""
         while True:
-            batch = []
-            while self.pending:
-                batch.append(self.pending.popleft())
-            if self.dropped != self.reported_dropped:
-                lost = self.dropped - self.reported_dropped
-                if self.sink.write([(30, time.time(), "%d log lines dropped (log output "
-                                                      "was blocked)" % lost)]):
-                    self.reported_dropped += lost
-            if batch:
-                written = 0
-                try:
-                    written = self.sink.write(batch)
-                finally:
-                    self.dropped += len(batch) - written
-                if self.echo is not None:
-                    start_up = [item for item in batch if item[1] <= self.echo_until]
-                    if start_up:
-                        self.echo.write(start_up)
-                    else:
-                        self.echo = None
+            if self.held:
+                # Lines wait in the buffer (LOG_QUEUE at most; more are counted).
+                self.resume.wait()
+                if self.held:                  # closing while held: write nothing
+                    return True
                 continue
+            with self.writing:
+                if self.held:
+                    continue
+                if self._write_pending():
+                    continue
             if self.closing:
                 return True
             self.sleeping = True
@@ -285,12 +316,39 @@ class Log:
                 time.sleep(LOG_COALESCE)
             self.sleeping = False
 
+    def _write_pending(self):
+        """Write what is pending now; True if there was something."""
+        batch = []
+        while self.pending:
+            batch.append(self.pending.popleft())
+        if self.dropped != self.reported_dropped:
+            lost = self.dropped - self.reported_dropped
+            if self.sink.write([(30, time.time(), "%d log lines dropped (log output was "
+                                                  "blocked, or held while a window was open)"
+                                 % lost)]):
+                self.reported_dropped += lost
+        if not batch:
+            return False
+        written = 0
+        try:
+            written = self.sink.write(batch)
+        finally:
+            self.dropped += len(batch) - written
+        if self.echo is not None:
+            start_up = [item for item in batch if item[1] <= self.echo_until]
+            if start_up:
+                self.echo.write(start_up)
+            else:
+                self.echo = None
+        return True
+
     def close(self, timeout=2.0):
         """Flush what is buffered, but never wait on a blocked sink for long."""
         if self.thread is None:
             return
         self.closing = True
         self.wake.release()
+        self.resume.set()
         self.thread.join(timeout)
 
 
@@ -344,6 +402,16 @@ class StderrSink:
     def __init__(self):
         self.journal = bool(os.environ.get("JOURNAL_STREAM"))
 
+    @staticmethod
+    def is_file():
+        """Is stderr on a filesystem (a file, or a block device), where a write
+        waits while that filesystem is frozen?  Pipes, sockets and terminals do not."""
+        try:
+            mode = os.fstat(2).st_mode
+        except OSError:
+            return False
+        return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
+
     def line(self, level, when, text):
         if self.journal:
             return "<%d>%s\n" % (JOURNAL_PRIORITY[level], text)
@@ -370,6 +438,10 @@ class FileSink:
         self.fd = None
         self.stamps = StderrSink()
         self.stamps.journal = False
+
+    @staticmethod
+    def is_file():
+        return True
 
     def write(self, items):
         if self.fd is None:
@@ -401,6 +473,10 @@ class SyslogSink:
         self.path = path
         self.sock = None
         self.next_connect = 0.0
+
+    @staticmethod
+    def is_file():
+        return False                   # non-blocking datagrams: never waits
 
     def _connect(self):
         if time.monotonic() < self.next_connect:
@@ -629,6 +705,9 @@ Commands (each takes --help):
   synchook.py tag [options]          print the XO tag for this guest
   synchook.py status [options]       show the running daemon's /status
   synchook.py thaw [--under DIR]     thaw every frozen local filesystem (rescue)
+  synchook.py recover [--runtime-dir DIR]
+                                     close a window a dead synchook left open
+                                     (what its guardian, or the next start, does)
 
 Every option also reads its variable (shown in brackets) and the same
 SYNCHOOK_NAME=value line in --config; a flag wins over the variable, the
@@ -834,11 +913,7 @@ def private_dir(path, what):
     be (or sticky).  ConfigError naming the path and the fix otherwise;
     OSError if it cannot be created."""
     uid = os.geteuid()
-    try:
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass                              # OSError for any other failure: caller's call
+    make_missing(path)
     st = os.lstat(path)
     fix = "chown %d %s && chmod 700 %s, or choose another %s" % (uid, path, path, what)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
@@ -852,6 +927,29 @@ def private_dir(path, what):
     problem = untrusted(os.path.dirname(path), (0, uid) if uid else (0,), is_parent=True)
     if problem:
         raise ConfigError("%s %s: not trusted: %s" % (what, path, problem))
+
+
+def make_missing(path):
+    """mkdir path (0700) and its missing parents (0755), and nothing that exists.
+
+    Never os.makedirs(..., exist_ok=True): mkdir on a directory that exists
+    still takes the parent filesystem's write lock, and waits for as long as
+    that filesystem is frozen (/run's parent is /, which --freeze all freezes,
+    and start-up comes before the recovery that thaws it).  A stat is a read.
+    """
+    missing = []
+    current = path
+    while not os.path.lexists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700 if directory == path else 0o755)
+        except FileExistsError:
+            pass                          # OSError for any other failure: caller's call
 
 
 def read_config_file(path):
@@ -949,6 +1047,34 @@ def resolve_config(args, environ=None, check_files=True):
     return cfg
 
 
+def check_freeze_plan(cfg):
+    """A freeze that would freeze nothing is refused at start: XO would take
+    the unfrozen snapshot for a consistent one."""
+    under = cfg.freeze_under
+    if under:
+        absolute = os.path.abspath(under)
+        if not os.path.isdir(absolute):
+            raise ConfigError("--freeze-under %s: no such directory" % under)
+        if os.path.realpath(absolute) != absolute:
+            raise ConfigError("--freeze-under %s: goes through a symbolic link (it is %s): give "
+                              "the real path" % (under, os.path.realpath(absolute)))
+        under = absolute
+    mounts = read_mounts()
+    plan, skipped = freeze_plan(mounts, cfg.freeze, under)
+    if cfg.freeze == "all":
+        if not plan:
+            raise ConfigError("--freeze all%s: nothing to freeze (no local filesystem with a "
+                              "block device there; see /proc/self/mountinfo)"
+                              % (" --freeze-under %s" % under if under else ""))
+        return
+    for point, why in skipped:
+        raise ConfigError("--freeze %s: %s (see /proc/self/mountinfo)" % (point, why))
+    for mount in plan:
+        why = cannot_freeze(mount)
+        if why:
+            raise ConfigError("--freeze %s: cannot be frozen (%s)" % (mount.point, why))
+
+
 def read_secret_file(path):
     """The secret in a file, one trailing newline stripped; ConfigError if unusable."""
     try:
@@ -989,9 +1115,8 @@ def finish_config(cfg, check_files=True):
         check_trusted(cfg.hooks_dir, "--hooks-dir")
     if cfg.freeze_under and cfg.freeze != "all":
         raise ConfigError("--freeze-under %s: goes with --freeze all" % cfg.freeze_under)
-    if cfg.freeze and cfg.freeze != "all":
-        for point, why in freeze_plan(read_mounts(), cfg.freeze)[1]:
-            raise ConfigError("--freeze %s: %s (see /proc/self/mountinfo)" % (point, why))
+    if cfg.freeze:
+        check_freeze_plan(cfg)
     # The daemon works from / (it must not keep a mount busy): paths become absolute.
     for name in ("tls_cert", "tls_key", "hooks_dir", "runtime_dir", "state_dir", "freeze_under"):
         if getattr(cfg, name):
@@ -1119,13 +1244,20 @@ class OutputLogger:
 
 
 def group_gone(proc, pgid, wait):
-    """Wait up to `wait` seconds for every member of the group to be gone."""
+    """Wait up to `wait` seconds for every member of the group to be gone.
+
+    A member that is a zombie is gone: an orphan (the shell died before its
+    `sleep`) is reaped by pid 1 when pid 1 gets to it, which took up to 2 s
+    here, and waiting for that made a /post-sync that cut a sync phase short
+    miss XO's timeout."""
     deadline = time.monotonic() + wait
     while True:
         proc.poll()                        # reap our child, or the group never empties
         try:
             os.killpg(pgid, 0)
         except OSError:
+            return True
+        if not group_members(pgid):        # zombies only
             return True
         if time.monotonic() >= deadline:
             return False
@@ -1226,6 +1358,8 @@ class Child:
 # posix_spawn, or no /proc to find inherited descriptors: subprocess.Popen.
 USE_POSIX_SPAWN = [hasattr(os, "posix_spawn")]
 ABANDONED = []                     # children that outlived SIGKILL: reaped later
+COMMAND_OOM_SCORE = []             # the oom_score_adj commands get, if the daemon lowered its own
+PROGRAM = [os.path.abspath(__file__)]   # what the guardian runs (main() sets it from argv)
 DEV_NULL = []                      # /dev/null, the commands' stdin, once it could be opened
 
 
@@ -1247,6 +1381,7 @@ def prepare_for_commands():
     nothing but their stdin, stdout and stderr (as Popen's close_fds does)."""
     os.chdir("/")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    reset_ignored_signals()
     try:
         dev_null()                           # else the first command opens it
     except CannotStart:
@@ -1262,6 +1397,28 @@ def prepare_for_commands():
                 os.set_inheritable(int(name), False)
             except OSError:                  # listdir's own descriptor, closed now
                 pass
+
+
+# Ignored signals stay ignored across exec: these are left as they came (Python
+# sets SIGPIPE and SIGXFSZ, and each command gets them back at their defaults;
+# job control's must not stop a daemon started in the background).
+KEEP_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTIN, signal.SIGTTOU,
+                signal.SIGTSTP, signal.SIGKILL, signal.SIGSTOP)
+
+
+def reset_ignored_signals():
+    """Signals that whoever started us ignored (SIGINT and SIGQUIT for a
+    background job of a shell, SIGHUP under nohup) back to their defaults,
+    so that no command inherits them ignored; the daemon's own handlers are
+    installed after this (and are reset to defaults by exec)."""
+    for number in range(1, 32):
+        if number in KEEP_IGNORED:
+            continue
+        try:
+            if signal.getsignal(number) == signal.SIG_IGN:
+                signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass
 
 
 def start_process(argv, env, stdin, output):
@@ -1323,6 +1480,8 @@ def spawn(argv, env, hold=False):
                 raise CannotStart("cannot create a pipe: %s" % err.strerror)
             raise CannotStart("fork: %s" % err.strerror)
         proc.start_ticks = (first, boot_ticks())
+        if COMMAND_OOM_SCORE:
+            set_oom_score(COMMAND_OOM_SCORE[0], proc.pid)
         if hold:
             proc.stdin, stdin_end = open(stdin_end, "wb", buffering=0), None
     except BaseException:
@@ -1685,10 +1844,12 @@ class Phases:
         results = []
         for index, (label, argv) in enumerate(plan):
             try:
+                # A recovery's plan comes from the marker: its thaw and its
+                # hold may belong to a dead run (already done by then).
                 if label == "thaw":
-                    result = self.freezer.thaw()
+                    result = self.freezer.thaw() if self.freezer else None
                 elif argv is None:
-                    result = self.hold.end()
+                    result = self.hold.end() if self.hold else None
                 else:
                     result = run_command(argv, label, env, self.cfg.timeout, None, on_start)
             except Exception as err:       # noqa: BLE001 (a bug must not cost the thaw)
@@ -1731,7 +1892,9 @@ SKIPPED_FS = {
     "securityfs", "smb3", "smbfs", "squashfs", "sysfs", "tmpfs", "tracefs", "virtiofs",
     "9p", "zfs"}
 
-Mount = collections.namedtuple("Mount", "point fstype source device")
+# device: the filesystem's st_dev as mountinfo gives it; mount_id: the mount's own id
+# (one filesystem may be mounted, or bind-mounted, at several points).
+Mount = collections.namedtuple("Mount", "point fstype source device mount_id")
 
 
 def unescape_mount(text):
@@ -1749,7 +1912,7 @@ def parse_mountinfo(text):
             major, minor = fields[2].split(":")
             mounts.append(Mount(unescape_mount(fields[4]), fields[dash + 1],
                                 unescape_mount(fields[dash + 2]),
-                                os.makedev(int(major), int(minor))))
+                                os.makedev(int(major), int(minor)), int(fields[0])))
         except (ValueError, IndexError):
             continue
     return mounts
@@ -1767,6 +1930,15 @@ def below(point, under):
     """Is mount point `point` at or below directory `under`?"""
     under = under.rstrip("/") or "/"
     return under == "/" or point == under or point.startswith(under + "/")
+
+
+def cannot_freeze(mount):
+    """Why mount is known not to freeze (FIFREEZE would fail), or None."""
+    if mount.fstype in SKIPPED_FS or mount.fstype.startswith("fuse"):
+        return "%s: virtual, remote or read-only" % mount.fstype
+    if not mount.source.startswith("/dev/"):
+        return "%s from %s: no block device" % (mount.fstype, mount.source)
+    return None
 
 
 def freeze_plan(mounts, wanted, under=""):
@@ -1788,11 +1960,9 @@ def freeze_plan(mounts, wanted, under=""):
             continue
         if under and not below(mount.point, under):
             continue
-        if mount.fstype in SKIPPED_FS or mount.fstype.startswith("fuse"):
-            skipped.append((mount.point, "%s: virtual, remote or read-only" % mount.fstype))
-        elif not mount.source.startswith("/dev/"):
-            skipped.append((mount.point, "%s from %s: no block device" % (mount.fstype,
-                                                                          mount.source)))
+        why = cannot_freeze(mount)
+        if why:
+            skipped.append((mount.point, why))
         else:
             plan.append(mount)
     if wanted != "all":
@@ -1805,22 +1975,31 @@ class Freezer:
     """Freezes the filesystems of --freeze (last step of the sync phase) and
     thaws them (first step of the post phase) with ioctls in this process: no
     fork, no exec, nothing read from a frozen disk.  Each descriptor stays open
-    from freeze to thaw, so a path that became unreachable still thaws."""
+    from freeze to thaw, so a path that became unreachable still thaws.
+
+    A filesystem is known by its identity (device and mount id, from
+    mountinfo), never by its path alone: FIFREEZE goes only to a descriptor
+    found on the very mount planned, and the marker names devices, which a
+    restart or the guardian finds again wherever they are mounted by then.
+    """
 
     def __init__(self, wanted, under=""):
         self.wanted = wanted
         self.under = under
-        self.frozen = []              # [(point, fd)] in freeze order
+        self.frozen = []              # [(point, fd, device)] in freeze order
         self.since = None
 
     def plan(self):
         return freeze_plan(read_mounts(), self.wanted, self.under)
 
     def freeze(self, announce=None):
-        """Freeze the plan; announce(points) first (the marker, written before any
-        filesystem is frozen).  On an error other than "cannot be frozen"
-        (EOPNOTSUPP) or "already frozen" (EBUSY: a bind mount of one frozen
-        here), everything frozen so far is thawed and the step fails."""
+        """Freeze the plan; announce(mounts) first (the marker, written before any
+        filesystem is frozen).  With 'all', a filesystem that cannot be frozen
+        (EOPNOTSUPP) is skipped; "already frozen" (EBUSY: a bind mount of one
+        frozen here, or frozen by another program) counts as frozen.  Any other
+        error, a listed mount that cannot be frozen, or a plan that ends up
+        freezing nothing thaws what was frozen and fails the step: XO must never
+        take an unfrozen snapshot for a consistent one."""
         started = time.monotonic()
         plan, skipped = self.plan()
         for point, why in skipped:
@@ -1828,40 +2007,49 @@ class Freezer:
                 return Result("freeze", False, "freeze %s: %s" % (point, why))
             log.debug("freeze: %s skipped (%s)", point, why)
         if announce is not None:
-            announce([mount.point for mount in plan])
+            announce(plan)
         self.since = time.time()
+        already = 0
         for mount in plan:
             failure = self._freeze_one(mount)
-            if failure:
+            if failure == "already frozen":
+                already += 1
+            elif failure:
                 log.error("freeze: %s; thawing what was frozen", failure)
                 self.thaw()
                 return Result("freeze", False, failure, None, time.monotonic() - started)
-        points = [point for point, _ in self.frozen]
+        points = [point for point, _, _ in self.frozen]
+        if not points and not already:
+            reason = "freeze: nothing frozen (%s)" % (
+                "no filesystem of the plan can be frozen" if plan else "nothing to freeze" +
+                (" under %s" % self.under if self.under else ""))
+            log.error("%s", reason)
+            return Result("freeze", False, reason, None, time.monotonic() - started)
         log.info("freeze: %d frozen in %.3f s: %s", len(points), time.monotonic() - started,
-                 ", ".join(points) or "none")
+                 ", ".join(points) or "none (all were frozen already)")
         return Result("freeze", True, "ok", None, time.monotonic() - started)
 
     def _freeze_one(self, mount):
-        try:
-            fd = os.open(mount.point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as err:
-            return "freeze %s: %s" % (mount.point, err.strerror)
-        if not is_mount_root(fd, mount):
-            os.close(fd)      # unmounted since: FIFREEZE would freeze the parent instead
-            return "freeze %s: no longer a mount point" % mount.point
+        """None when frozen or skipped, "already frozen", or the failure."""
+        fd, why = open_mount(mount)
+        if fd is None:
+            return "freeze %s: %s" % (mount.point, why)
         try:
             fcntl.ioctl(fd, FIFREEZE, 0)
         except OSError as err:
             os.close(fd)
-            if err.errno == errno.EOPNOTSUPP:
+            if err.errno == errno.EOPNOTSUPP and self.wanted == "all":
                 log.info("freeze: %s (%s) cannot be frozen: skipped", mount.point, mount.fstype)
                 return None
+            if err.errno == errno.EOPNOTSUPP:
+                return "freeze %s: %s cannot be frozen (the filesystem has no freeze)" % (
+                    mount.point, mount.fstype)
             if err.errno == errno.EBUSY:
                 log.info("freeze: %s already frozen (a bind mount, or frozen by another "
                          "program)", mount.point)
-                return None
+                return "already frozen"
             return "freeze %s: %s" % (mount.point, err.strerror)
-        self.frozen.append((mount.point, fd))
+        self.frozen.append((mount.point, fd, mount.device))
         return None
 
     def thaw(self):
@@ -1869,7 +2057,7 @@ class Freezer:
         started = time.monotonic()
         errors = []
         while self.frozen:
-            point, fd = self.frozen.pop()
+            point, fd, _ = self.frozen.pop()
             try:
                 fcntl.ioctl(fd, FITHAW, 0)
             except OSError as err:
@@ -1884,7 +2072,50 @@ class Freezer:
         return Result("thaw", True, "ok", None, time.monotonic() - started)
 
     def status(self):
-        return [{"mount": point, "since": iso(self.since)} for point, _ in self.frozen]
+        return [{"mount": point, "device": device_name(device), "since": iso(self.since)}
+                for point, _, device in self.frozen]
+
+
+def device_name(device):
+    return "%d:%d" % (os.major(device), os.minor(device))
+
+
+def mount_identity(mount):
+    """What the marker keeps of a mount it may freeze."""
+    return {"point": mount.point, "device": device_name(mount.device),
+            "mount_id": mount.mount_id}
+
+
+def fd_mount_id(fd):
+    """The id of the mount a descriptor is on (/proc/self/fdinfo, Linux 3.15+), or None."""
+    try:
+        with open("/proc/self/fdinfo/%d" % fd, "rb") as handle:
+            for line in handle.read(4096).splitlines():
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def open_mount(mount):
+    """(descriptor on mount's root, None), checked to be on that very mount,
+    or (None, why).  Not through a symbolic link; a directory left where the
+    mount was, or another filesystem mounted there since, is refused (FIFREEZE
+    on it would freeze, or thaw, the wrong filesystem)."""
+    try:
+        fd = os.open(mount.point, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        return None, err.strerror
+    mount_id = fd_mount_id(fd)
+    if mount_id is None:
+        same = is_mount_root(fd, mount)          # kernels without mnt_id in fdinfo
+    else:
+        same = mount_id == mount.mount_id
+    if not same:
+        os.close(fd)
+        return None, "no longer a mount point"
+    return fd, None
 
 
 def is_mount_root(fd, mount):
@@ -1899,9 +2130,49 @@ def is_mount_root(fd, mount):
     return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
 
 
+def thaw_mount(mount):
+    """FITHAW on a mount found in mountinfo: "thawed", "not frozen" or why not."""
+    fd, why = open_mount(mount)
+    if fd is None:
+        return "cannot open: %s" % why
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return "thawed"
+    except OSError as err:
+        return "not frozen" if err.errno == errno.EINVAL else "cannot thaw: %s" % err.strerror
+    finally:
+        os.close(fd)
+
+
+def thaw_identities(entries):
+    """Thaw the filesystems a marker names by identity, last frozen first:
+    each is looked up by its device in today's mountinfo (the same mount
+    first, then any other mount of it: a frozen filesystem is thawed through
+    any of its mounts), wherever it is mounted now.  [(label, outcome)]."""
+    mounts = read_mounts()
+    outcomes = []
+    for entry in reversed(entries):
+        try:
+            major, minor = (int(part) for part in entry["device"].split(":"))
+            device, mount_id = os.makedev(major, minor), entry.get("mount_id")
+            label = "%s (device %s)" % (entry.get("point"), entry["device"])
+        except (TypeError, ValueError, KeyError, AttributeError):
+            outcomes.append(("%r" % (entry,), "not understood: skipped"))
+            continue
+        found = sorted((mount for mount in mounts if mount.device == device),
+                       key=lambda mount: mount.mount_id != mount_id)
+        outcome = "no mount of device %s now (unmounted?)" % entry["device"]
+        for mount in found:
+            outcome = thaw_mount(mount)
+            if not outcome.startswith("cannot open"):
+                break
+        outcomes.append((label, outcome))
+    return outcomes
+
+
 def thaw_paths(points):
     """FITHAW on each path (EINVAL: it was not frozen); [(point, outcome)].
-    For a restart after a crash, and for `synchook thaw`."""
+    For a marker of synchook 1.2 or older, which named paths only."""
     outcomes = []
     for point in points:
         try:
@@ -1936,9 +2207,10 @@ class SyncWindow:
     the next start close a window this process could not.
     """
 
-    def __init__(self, phases, max_hold, runtime_dir):
+    def __init__(self, phases, max_hold, runtime_dir, guardian=None):
         self.phases = phases
         self.max_hold = max_hold
+        self.guardian = guardian       # releases the window if this process dies
         self.marker = os.path.join(runtime_dir, MARKER_FILE)
         self.cond = threading.Condition()
         self.waiting = collections.deque()
@@ -1958,6 +2230,8 @@ class SyncWindow:
         self.groups = []               # process groups started for this window
         self.watchdog_told = False     # woken since the window opened (see _track)
         self.freezing = []             # mount points --freeze is about to freeze
+        self.freeze_ids = []           # the same, by identity (device, mount id)
+        self.plan = []                 # the post phase's steps, fixed when the window opens
         self.post_rest = None          # post steps still owed, once the post phase began
         self.post_results = []         # results of the post steps that ran
         self.post_done = []            # their labels, kept in the marker
@@ -2010,6 +2284,8 @@ class SyncWindow:
                     self.deadline = deadline
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
+            if self.guardian is not None:
+                self.guardian.ensure()
             self._open(client)
             self.window_answer = 500, "internal error"    # replaced unless sync_phase raises
             try:
@@ -2090,9 +2366,13 @@ class SyncWindow:
             self.opened_mono = time.monotonic()
             self.opened_by = client
             self.deadline = None
-            self.groups, self.freezing = [], []
+            self.groups, self.freezing, self.freeze_ids = [], [], []
             self.post_rest, self.post_results, self.post_done = None, [], []
             self.watchdog_told = False
+        # No file is written from here to the window's close: a sync step may
+        # freeze any filesystem, the one under the log included.
+        log.hold()
+        self.plan = self.phases.post_plan()
         self.write_marker(new=True)
         log.info("window opened by %s", client)
 
@@ -2102,7 +2382,7 @@ class SyncWindow:
         no fork) keeps the window open, the marker in place, and is tried
         again after a short wait (POST_RETRIES) by the watchdog."""
         if self.post_rest is None:
-            self.post_rest = self.phases.post_plan()
+            self.post_rest = list(self.plan)
         # Post-phase groups are not recorded: a restart reruns the post phase anyway.
         results, rest = self.phases.run_post_steps(self.post_rest, client)
         done = self.post_rest[:len(self.post_rest) - len(rest)]
@@ -2131,11 +2411,13 @@ class SyncWindow:
             self.opened_at = self.opened_mono = self.opened_by = None
             self.post_rest, self.post_results, self.post_done = None, [], []
             self.owed, self.tries, self.groups, self.freezing = None, 0, [], []
+            self.freeze_ids = []
             self.cond.notify_all()
         self.remove_marker()
         self._record("post-sync", steps)
         status, text = phase_answer(steps)
         log.info("window closed (%s): %s", why, text)
+        log.release()
         return status, text
 
     def _record(self, phase, steps):
@@ -2156,10 +2438,12 @@ class SyncWindow:
                 self.watchdog_told = True
                 self.cond.notify_all()
 
-    def _announce_freeze(self, points):
+    def _announce_freeze(self, mounts):
         """Before --freeze freezes anything: the marker names what may be frozen,
-        so that a restart after a crash thaws it (nothing is written after)."""
-        self.freezing = points
+        by identity, so that a restart or the guardian thaws it after a crash
+        (nothing is written after)."""
+        self.freezing = [mount.point for mount in mounts]
+        self.freeze_ids = [mount_identity(mount) for mount in mounts]
         self.write_marker()
 
     def write_marker(self, new=False):
@@ -2167,9 +2451,15 @@ class SyncWindow:
         replaced whole afterwards.  An empty or torn marker still means "open",
         and a new one has nothing to lose yet; once it names process groups, a
         replaced one is never seen half written."""
+        # Everything a recovery needs is here, the post phase's own steps
+        # included: the guardian runs it without reading any setting, and a
+        # restart with changed settings still closes the window it inherited
+        # the way that window was opened.
         data = json.dumps({"pid": self.pid, "opened_at": self.opened_iso,
                            "client": self.opened_by, "boot_id": boot_id(),
                            "groups": self.groups, "frozen": self.freezing,
+                           "freeze": self.freeze_ids, "post_plan": self.plan,
+                           "timeout": self.phases.cfg.timeout,
                            "post_done": self.post_done}).encode() + b"\n"
         try:
             if new:
@@ -2210,36 +2500,54 @@ class SyncWindow:
         return info if isinstance(info, dict) else {}
 
     # Outside requests -------------------------------------------------------
-    def recover(self):
-        """At start, before anything that could block: a marker means the last
-        run died with a window open.  End the process groups it started (a
-        sync command finishing after the thaw would freeze the guest again),
-        then run what is owed of the post phase."""
+    def recover(self, who="restart", settings=True):
+        """Close the window a dead run left open, if its marker says there is
+        one; the caller holds the runtime dir's lock, so this runs once per
+        window whoever gets there first (a restart, or the dead run's
+        guardian).  First the dead run's freeze is thawed (nothing else can),
+        then the process groups it started are ended (a sync command finishing
+        after the thaw would freeze the guest again), then what is owed of its
+        post phase runs, as the marker describes it.  True if there was one.
+        settings=False (the guardian's recovery, which reads no settings): a
+        marker that names no post phase (synchook 1.2) is thawed and left for
+        the next start, which runs the post phase from its settings."""
         info = self.read_marker()
         if info is None:
-            return
+            return False
+        if not settings and marker_plan(info) is None:
+            log.error("%s names no post phase (an older synchook wrote it): thawing only; the "
+                      "next start runs the post phase from its settings", self.marker)
+            if info.get("boot_id") == boot_id():
+                thaw_leftover_freeze(info)
+            return False
         log.warning("found %s (window opened %s by %s, process %s): the previous run ended "
-                    "with a window open; running the post phase before serving", self.marker,
+                    "with a window open; running its post phase (%s)", self.marker,
                     marker_field(info, "opened_at"), marker_field(info, "client"),
-                    marker_field(info, "pid"))
-        frozen = info.get("frozen")
-        if isinstance(frozen, list) and info.get("boot_id") == boot_id():
-            # First of all: the dead run's own freeze (nothing else can thaw it).
-            for point, outcome in thaw_paths([p for p in frozen if isinstance(p, str)]):
-                log.warning("recovery: %s: %s", escape(point, 200), outcome)
+                    marker_field(info, "pid"), who)
+        if info.get("boot_id") == boot_id():
+            thaw_leftover_freeze(info)
         end_leftover_groups(info)
         done = info.get("post_done")
         done = set(label for label in done if isinstance(label, str)) if isinstance(
             done, list) else set()
+        plan = marker_plan(info)
+        if plan is None:                   # a marker of synchook 1.2 or older
+            plan = self.phases.post_plan()
+        if self.phases.cfg.timeout is None:
+            timeout = info.get("timeout")
+            self.phases.cfg.timeout = (timeout if isinstance(timeout, (int, float)) and
+                                       timeout > 0 else XO_TIMEOUT - 5)
         with self.cond:
             self.is_open = True
             self.opened_at = time.time()
             self.opened_iso = iso(self.opened_at)
             self.opened_mono = time.monotonic()
-            self.opened_by = "restart"
-            self.post_rest = [step for step in self.phases.post_plan() if step[0] not in done]
+            self.opened_by = who
+            self.plan = plan
+            self.post_rest = [step for step in plan if step[0] not in done]
             self.post_done = sorted(done)
-        self._close("restart", "restart")
+        self._close(who, who)
+        return True
 
     def _watch(self):
         while True:
@@ -2295,6 +2603,39 @@ class SyncWindow:
             return not self.is_open
         finally:
             self._give_turn()
+
+
+def marker_plan(info):
+    """The post phase's steps a marker names, as [(label, argv or None)], or
+    None if it names none (written by synchook 1.2 or older) or is garbled."""
+    plan = info.get("post_plan")
+    if not isinstance(plan, list):
+        return None
+    steps = []
+    for step in plan:
+        if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], str)):
+            return None
+        label, argv = step
+        if argv is not None and not (isinstance(argv, list) and argv and
+                                     all(isinstance(word, str) for word in argv)):
+            return None
+        steps.append((label, argv))
+    return steps
+
+
+def thaw_leftover_freeze(info):
+    """Thaw what a dead run's marker says it may have frozen: by identity
+    (device and mount id) where the marker has it, else by path (1.2)."""
+    identities = info.get("freeze")
+    if isinstance(identities, list) and identities:
+        outcomes = thaw_identities(identities)
+    else:
+        frozen = info.get("frozen")
+        points = [p for p in frozen if isinstance(p, str)] if isinstance(frozen, list) else []
+        outcomes = thaw_paths(points)
+    for label, outcome in outcomes:
+        (log.warning if outcome in ("thawed", "not frozen") else log.error)(
+            "recovery: %s: %s", escape(label, 200), outcome)
 
 
 def marker_field(info, name):
@@ -2393,6 +2734,197 @@ def end_leftover_groups(info):
         else:
             log.error("process group %d still has processes after SIGKILL (stuck on a "
                       "frozen filesystem?): running the post phase anyway", pgid)
+
+
+# The runtime dir's lock: one process at a time acts on the marker ---------------
+
+def open_lock(runtime_dir):
+    """The lock file of the runtime dir (on tmpfs), opened, never followed."""
+    path = os.path.join(runtime_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise ConfigError("--runtime-dir %s: cannot open %s: %s" % (runtime_dir, LOCK_FILE,
+                                                                    err.strerror))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ConfigError("--runtime-dir %s: %s is not a regular file of synchook's user: "
+                          "remove it" % (runtime_dir, path))
+    return fd
+
+
+def lock_holder(fd):
+    """(pid, role) written by the lock's holder, or (None, None)."""
+    try:
+        words = os.pread(fd, 64, 0).split()
+        return int(words[0]), words[1].decode("ascii", "replace")
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def pid_alive(pid):
+    info = proc_stat(pid)
+    return info is not None and info[0] != "Z"
+
+
+def lock_runtime_dir(runtime_dir, role, wait, stop=None):
+    """Take the runtime dir's lock, which whoever may act on the marker holds:
+    the daemon for its whole life, a recovery (the guardian's) while it runs.
+    So a window is recovered once, by whoever comes first.  Returns the
+    descriptor (kept open: closing it releases the lock), or None when it is
+    still held after `wait` seconds or held by a running daemon."""
+    fd = open_lock(runtime_dir)
+    deadline = time.monotonic() + wait
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
+                os.close(fd)
+                raise ConfigError("--runtime-dir %s: cannot lock %s: %s"
+                                  % (runtime_dir, LOCK_FILE, err.strerror))
+        pid, holder = lock_holder(fd)
+        if holder == "serve" and pid is not None and pid != os.getpid() and pid_alive(pid):
+            os.close(fd)
+            return None
+        if time.monotonic() >= deadline or (stop is not None and stop()):
+            os.close(fd)
+            return None
+        if not told:
+            told = True
+            log.warning("waiting for process %s (%s) to finish with --runtime-dir %s",
+                        pid, holder or "?", runtime_dir)
+        time.sleep(0.05)
+    record = ("%d %s\n" % (os.getpid(), role)).encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+    except OSError:
+        pass                                   # only a hint for whoever waits
+    return fd
+
+
+# The guardian: the release does not depend on synchook's own survival --------
+
+# The guardian is a shell, the smallest process at hand (its memory counts in
+# synchook's), waiting on a pipe whose other end only the daemon holds: when
+# the daemon is gone, however it died (SIGKILL, the OOM killer, a crash), read
+# returns at end of file.  If a window's marker is there, the shell becomes a
+# recovery (`synchook recover`): it thaws, ends the sync commands' groups and
+# runs the post phase the marker describes, under the runtime dir's lock.
+# Signals that stop a service are ignored: systemd (KillMode=process), OpenRC
+# and SysV send theirs to the daemon, and a terminal's ^C must not take the
+# safety net down with it.
+GUARDIAN_SCRIPT = """trap '' HUP INT QUIT TERM
+read -r _ || :
+[ -e "$1" ] || [ -L "$1" ] || exit 0
+shift
+exec "$@"
+"""
+
+
+class Guardian:
+    """The daemon's side of the guardian: start it, and start it again if it
+    died, before each window opens."""
+
+    def __init__(self, cfg, marker, env):
+        self.marker = marker
+        self.env = env
+        self.proc = None
+        self.write_fd = None
+        recover = [sys.executable] + interpreter_flags() + [PROGRAM[0], "recover",
+                                                             "--runtime-dir", cfg.runtime_dir,
+                                                             "--log-level", cfg.log_level]
+        if cfg.syslog:
+            recover.append("--syslog")
+        self.argv = [SHELL, "-c", GUARDIAN_SCRIPT, PROG + "-guardian", marker] + recover
+
+    def start(self):
+        """False (logged) if it cannot start now; tried again at the next /sync."""
+        if self.write_fd is not None:
+            os.close(self.write_fd)
+            self.write_fd = None
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as err:
+            log.error("guardian not started: cannot create a pipe: %s", err.strerror)
+            return False
+        try:
+            self.proc = start_process(self.argv, self.env, read_fd, 2)
+        except OSError as err:
+            os.close(write_fd)
+            log.error("guardian not started: %s", err.strerror)
+            return False
+        finally:
+            os.close(read_fd)
+        self.write_fd = write_fd
+        set_oom_score(GUARDIAN_OOM_SCORE, self.proc.pid)
+        log.debug("guardian started: process %d", self.proc.pid)
+        return True
+
+    def ensure(self):
+        """Before a window opens: the guardian must be there to release it."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if self.proc is not None:
+            log.warning("the guardian (process %d) is gone (%s): starting a new one",
+                        self.proc.pid, describe_exit(self.proc.returncode))
+        self.start()
+
+
+def interpreter_flags():
+    """The flags this Python was started with that matter for a recovery:
+    isolation and site as the daemon had them, and never a bytecode write."""
+    flags = ["-B"]
+    if sys.flags.isolated:
+        flags.append("-I")
+    elif sys.flags.ignore_environment:
+        flags.append("-E")
+    if sys.flags.no_site:
+        flags.append("-S")
+    return flags
+
+
+def set_oom_score(value, pid="self"):
+    """Write oom_score_adj (root may lower it); False if it could not."""
+    try:
+        fd = os.open("/proc/%s/oom_score_adj" % pid, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"%d" % value)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def read_oom_score():
+    try:
+        with open("/proc/self/oom_score_adj", "rb") as handle:
+            return int(handle.read(16))
+    except (OSError, ValueError):
+        return None
+
+
+def lower_oom_score():
+    """Make the daemon one of the OOM killer's last choices (a guest frozen
+    under memory pressure is when it strikes), unless already lower.  Commands
+    get the score back that synchook had (see spawn)."""
+    before = read_oom_score()
+    if before is None or before <= DAEMON_OOM_SCORE or os.geteuid() != 0:
+        return
+    if set_oom_score(DAEMON_OOM_SCORE):
+        COMMAND_OOM_SCORE[:] = [before]
+        log.debug("oom_score_adj %d -> %d (commands keep %d)", before, DAEMON_OOM_SCORE, before)
+    else:
+        log.debug("cannot lower oom_score_adj below %d here (no CAP_SYS_RESOURCE?): the OOM "
+                 "killer may choose synchook, and its guardian would then release the window",
+                 before)
 
 
 # ---------------------------------------------------------------------------
@@ -2727,6 +3259,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return phase(self.client_ip)
         finally:
             self.mark("busy")
+            if self.conn is not None:
+                self.conn.hook = True
 
     def serve_status(self):
         state = self.server.window.status()
@@ -2751,6 +3285,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         lines.extend("%s: %s" % item for item in (headers or {}).items())
         if self.close_connection:
             lines.append("Connection: close")
+        else:
+            # How long an idle connection stays: undici (XO) then reuses it only
+            # while that is more than a second away, never when it is closing.
+            lines.append(self.server.keep_alive)
         # Head and body in one write: one segment on the wire, no Nagle wait.
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + body)
@@ -2809,13 +3347,16 @@ class Waker(WakePipe):
 
 
 class Connection:
-    __slots__ = ("sock", "state", "since", "ended")
+    __slots__ = ("sock", "state", "since", "ended", "ip", "status_only", "hook")
 
-    def __init__(self, sock):
+    def __init__(self, sock, ip, status_only):
         self.sock = sock
         self.state = "new"
         self.since = time.monotonic()
         self.ended = False             # our side already shut down (the last answer sent)
+        self.ip = ip
+        self.status_only = status_only     # loopback, not in --allow: may read /status only
+        self.hook = False              # has carried a /sync or /post-sync (XO's connection)
 
 
 class SyncHookServer(ThreadingHTTPServer):
@@ -2835,6 +3376,7 @@ class SyncHookServer(ThreadingHTTPServer):
         self.spares = 0                   # connection threads in (or on their way to) accept()
         self.accept_paused = False
         self.descriptor_freed = threading.Event()
+        self.keep_alive = "Keep-Alive: timeout=%d" % int(cfg.header_timeout)
         self.secret_digest = None
         if cfg.secret:
             secret = cfg.secret.encode("utf-8", "surrogateescape")
@@ -2977,27 +3519,46 @@ class SyncHookServer(ThreadingHTTPServer):
 
     def verify_request(self, request, client_address):
         ip = self.client_ip(client_address)
-        if not self.allowed(ip) and not is_loopback(ip):   # loopback: /status only
+        status_only = not self.allowed(ip)
+        if status_only and not is_loopback(ip):   # loopback: /status only
             log.noise(ip, "%s: connection refused: not in --allow", ip, level=30)
             return False
         with self.connections_lock:
-            if len(self.connections) >= self.max_connections:
-                # The oldest connection not waiting on the window goes: idle,
-                # half-open, or stuck writing to a client that does not read.
-                others = [(c.since, key) for key, c in self.connections.items()
-                          if c.state != "command"]
-                if not others:
-                    log.noise(ip, "%s: connection refused: %d connections wait on a command",
-                              ip, len(self.connections), level=30)
+            full = len(self.connections) >= self.max_connections
+            if status_only:
+                full = full or sum(c.status_only for c in self.connections.values()
+                                   ) >= STATUS_ONLY_CONNECTIONS
+            if full:
+                key = self.eviction_victim(status_only)
+                if key is None:
+                    log.noise(ip, "%s: connection refused: %d connections, none that may be "
+                              "dropped", ip, len(self.connections), level=30)
                     return False
-                victim = self.connections.pop(min(others, key=lambda pair: pair[0])[1])
+                victim = self.connections.pop(key)
                 try:
                     socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
                 except OSError:
                     pass
-                log.debug("connection limit: dropped the oldest %s connection", victim.state)
-            self.connections[request] = Connection(request)
+                log.debug("connection limit: dropped the oldest %s connection%s", victim.state,
+                          " (loopback, /status only)" if victim.status_only else "")
+            self.connections[request] = Connection(request, ip, status_only)
         return True
+
+    def eviction_victim(self, for_status_only):
+        """Which connection makes room (under the lock): the oldest one not
+        waiting on the window, connections that may only read /status first;
+        a newcomer of that kind takes the place of its own kind only.  While a
+        window is open, a connection that carried a /sync or /post-sync (XO's
+        kept-alive one, on which its /post-sync may come) is never dropped."""
+        candidates = [c for c in self.connections.items()
+                      if c[1].status_only and c[1].state != "command"]
+        if not candidates and not for_status_only:
+            window_open = self.window.is_open
+            candidates = [c for c in self.connections.items()
+                          if c[1].state != "command" and not (window_open and c[1].hook)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda item: item[1].since)[0]
 
     def connection_of(self, request):
         with self.connections_lock:
@@ -3550,24 +4111,49 @@ def client_connection(scheme, host, port, timeout):
 
 
 def xo_request(conn, path, timeout, headers):
-    """One GET on conn; returns (status or None, text, seconds)."""
+    """One GET on conn; returns (status or None, text, seconds, how long
+    undici would keep the connection for reuse after this answer)."""
     started = time.monotonic()
     try:
         conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         text = response.read(4096).decode("utf-8", "replace").strip()
-        return response.status, text, time.monotonic() - started
+        reuse = 0.0 if response.will_close else undici_reuse(response.getheader("Keep-Alive"))
+        return response.status, text, time.monotonic() - started, reuse
     except socket.timeout:
         conn.close()
-        return None, "no answer within %s s" % seconds(timeout), time.monotonic() - started
+        return None, "no answer within %s s" % seconds(timeout), time.monotonic() - started, 0.0
     except (OSError, http.client.HTTPException) as err:
         conn.close()
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        if isinstance(err, (http.client.RemoteDisconnected, ConnectionResetError)) or (
+                ssl is not None and isinstance(err, ssl.SSLError) and "EOF" in str(err)):
+            reason += (" (the guest closed the connection without an answer: is this "
+                       "machine's address in its --allow?)")
         return None, "cannot reach %s:%d: %s" % (conn.host, conn.port, reason), (
-            time.monotonic() - started)
+            time.monotonic() - started), 0.0
 
 
-COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status, thaw; "
+# How XO's HTTP client (undici 6, which @xen-orchestra/xapi 8.10 installs) keeps an
+# idle connection: 4 s, or the server's Keep-Alive: timeout=T less 2 s when the
+# server sends one (not at all if that is 0 or less), 600 s at most.
+UNDICI_KEEPALIVE = 4.0
+UNDICI_THRESHOLD = 2.0
+UNDICI_MAX_KEEPALIVE = 600.0
+
+
+def undici_reuse(keep_alive):
+    """Seconds undici would reuse a connection after an answer with this
+    Keep-Alive header (None: no header)."""
+    if not keep_alive:
+        return UNDICI_KEEPALIVE
+    match = re.search(r"(?:^|[,\s])timeout=(\d+)", keep_alive)
+    if not match:
+        return UNDICI_KEEPALIVE
+    return max(0.0, min(int(match.group(1)) - UNDICI_THRESHOLD, UNDICI_MAX_KEEPALIVE))
+
+
+COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status, thaw, recover; "
                    "'synchook.py COMMAND --help' for each.")
 
 
@@ -3617,21 +4203,52 @@ def cmd_call(argv):
         headers["Authorization"] = "Bearer " + token
     suffix = "?" + query if query else ""
     ok = True
+    out = Output()
     conn = client_connection(scheme, host, port, timeout)
     try:
         for phase in ("sync", "post-sync"):
-            status, text, took = xo_request(conn, "/" + phase + suffix, timeout, headers)
+            status, text, took, reuse = xo_request(conn, "/" + phase + suffix, timeout, headers)
             shown = "%d %s" % (status, text) if status is not None else "failed: " + text
-            print("%-9s %s (%.3f s)" % (phase, shown, took))
-            sys.stdout.flush()
+            out.line("%-9s %s (%.3f s)" % (phase, shown, took))
             ok = ok and status is not None and 200 <= status < 300
             if phase == "sync":
                 time.sleep(pause)
-                if not args.as_xo:
-                    conn.close()              # older XO: a connection per request
+                if not args.as_xo or pause >= reuse:
+                    # Older XO: a connection per request; undici: a new one once
+                    # the kept one has been idle for as long as it keeps it.
+                    conn.close()
     finally:
         conn.close()
+        out.flush()
     return 0 if ok else 1
+
+
+class Output:
+    """call's lines: printed at once on a terminal or a pipe, but kept until
+    /post-sync is answered when stdout is a file, which may sit on the very
+    filesystem /sync just froze (a write there would wait for the thaw, and
+    the thaw for /post-sync)."""
+
+    def __init__(self):
+        try:
+            mode = os.fstat(sys.stdout.fileno()).st_mode
+            self.defer = not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
+        except (OSError, ValueError, AttributeError):
+            self.defer = False
+        self.kept = []
+
+    def line(self, text):
+        if self.defer:
+            self.kept.append(text)
+        else:
+            print(text)
+            sys.stdout.flush()
+
+    def flush(self):
+        for text in self.kept:
+            print(text)
+        self.kept = []
+        sys.stdout.flush()
 
 
 # tag: what to set in XO for this guest -----------------------------------------
@@ -3730,22 +4347,28 @@ def cmd_thaw(argv):
         prog="%s thaw" % os.path.basename(sys.argv[0]),
         description="Thaw every frozen local filesystem (those --freeze all would "
                     "freeze), whoever froze it: the rescue when a guest stays frozen.",
-        epilog="Exit 0 when nothing is left frozen, 1 otherwise.\n" + COMMANDS_EPILOG,
+        epilog="Exit 0 when nothing is left frozen, 1 otherwise (also when there is no "
+               "filesystem to look at).\n" + COMMANDS_EPILOG,
         allow_abbrev=False)
     parser.add_argument("--under", metavar="DIR", default="",
                         help="only the mounts at or below DIR")
     args = parser.parse_args(argv)
-    plan, _ = freeze_plan(read_mounts(), "all", os.path.abspath(args.under) if args.under
-                          else "")
+    under = os.path.abspath(args.under) if args.under else ""
+    plan, _ = freeze_plan(read_mounts(), "all", under)
+    if not plan:
+        print("nothing to thaw: no local filesystem with a block device%s"
+              % (" at or below %s" % under if under else ""))
+        return 1
     failed = False
     thawed = 0
-    for point, outcome in thaw_paths(mount.point for mount in plan):
+    for mount in plan:
+        outcome = thaw_mount(mount)
         if outcome == "thawed":
             thawed += 1
-            print("thawed     %s" % point)
+            print("thawed     %s" % mount.point)
         elif outcome != "not frozen":
             failed = True
-            print("FAILED     %s: %s" % (point, outcome))
+            print("FAILED     %s: %s" % (mount.point, outcome))
     print("%d filesystem(s) thawed, %d checked" % (thawed, len(plan)))
     return 1 if failed else 0
 
@@ -3762,7 +4385,7 @@ def cmd_status(args, cfg):
     path = "/status" + ("?token=" + urllib.parse.quote(cfg.secret, safe="") if cfg.secret
                         else "")
     conn = client_connection(scheme, host, cfg.port, 10)
-    status, text, _ = xo_request(conn, path, 10, {})
+    status, text, _, _ = xo_request(conn, path, 10, {})
     conn.close()
     if status != 200:
         print("synchook on %s port %d: %s" % (host, cfg.port,
@@ -3897,7 +4520,7 @@ def cmd_check(cfg):
         report(False, "--secret on the command line is visible in ps: use --secret-file")
     if cfg.freeze:
         plan, skipped = freeze_plan(read_mounts(), cfg.freeze, cfg.freeze_under)
-        report(bool(plan) or cfg.freeze == "all",
+        report(bool(plan),
                "--freeze: would freeze, in this order: %s (check itself freezes nothing)"
                % (", ".join(mount.point for mount in plan) or "nothing"))
         for point, why in skipped:
@@ -3963,15 +4586,50 @@ def install_signal_handlers(waker):
     waker.install()
 
 
+def check_runtime_dir_stays_writable(cfg):
+    """The marker is written while filesystems are frozen: never on one of them."""
+    if not cfg.freeze:
+        return
+    device = os.stat(cfg.runtime_dir).st_dev
+    for mount in freeze_plan(read_mounts(), cfg.freeze, cfg.freeze_under)[0]:
+        if mount.device == device:
+            raise ConfigError("--runtime-dir %s is on %s (%s), which --freeze freezes: the "
+                              "window's marker must stay writable; give a directory on a "
+                              "tmpfs (/run)" % (cfg.runtime_dir, mount.point, mount.fstype))
+
+
+def take_runtime_dir(runtime_dir, role, stop=None):
+    """The runtime dir's lock, None if stop() said so while waiting, or
+    ConfigError naming who holds it."""
+    lock = lock_runtime_dir(runtime_dir, role, LOCK_WAIT, stop)
+    if lock is None and not (stop is not None and stop()):
+        fd = open_lock(runtime_dir)
+        pid, holder = lock_holder(fd)
+        os.close(fd)
+        raise ConfigError("--runtime-dir %s is in use by process %s (synchook %s): stop it, or "
+                          "give this one its own --runtime-dir" % (runtime_dir, pid, holder))
+    return lock
+
+
 def cmd_serve(cfg):
     prepare_runtime_dir(cfg.runtime_dir)
+    check_runtime_dir_stays_writable(cfg)
     waker = Waker()
     install_signal_handlers(waker)
+    # Held for life (never closed): a recovery waits while this run lives.
+    lock = take_runtime_dir(cfg.runtime_dir, "serve", lambda: waker.stopping)  # noqa: F841
+    if lock is None:
+        return 0
+    lower_oom_score()
     phases = Phases(cfg)
-    window = SyncWindow(phases, cfg.max_hold, cfg.runtime_dir)
+    guardian = Guardian(cfg, os.path.join(cfg.runtime_dir, MARKER_FILE), phases.base_env)
+    window = SyncWindow(phases, cfg.max_hold, cfg.runtime_dir, guardian)
     # Recovery first: anything before it (a key written to --state-dir, a
-    # certificate read) could block on the filesystem the dead run froze.
+    # certificate read, a log line written to a file) could block on the
+    # filesystem the dead run froze.
     window.recover()
+    log.release()
+    guardian.start()
     window.watchdog.start()              # retries a post phase that could not start
     try:
         if cfg.secret_from_flag:
@@ -4012,6 +4670,66 @@ def cmd_serve(cfg):
     return 0 if released and served else 1
 
 
+RECOVER_DESCRIPTION = """\
+Close the window a synchook that died left open, as its marker in the runtime
+dir describes it: thaw what it froze (found by device, wherever it is mounted
+now), end the commands it started, and run what is owed of its post phase.
+The guardian runs this when the daemon dies, and every start does it first;
+by hand it is a rescue that runs nothing twice (the runtime dir's lock)."""
+
+
+def cmd_recover(argv):
+    parser = argument_parser(
+        prog="%s recover" % os.path.basename(sys.argv[0]), description=RECOVER_DESCRIPTION,
+        epilog="Exit 0 when no window is owed any more, 1 otherwise.\n" + COMMANDS_EPILOG,
+        allow_abbrev=False)
+    parser.add_argument("--runtime-dir", metavar="DIR", default=default_runtime_dir(),
+                        help="the dead daemon's --runtime-dir (default /run/synchook as root)")
+    parser.add_argument("--log-level", choices=sorted(LEVELS, key=LEVELS.get), default="info",
+                        help="as the daemon's")
+    parser.add_argument("--syslog", action="store_true", help="as the daemon's")
+    args = parser.parse_args(argv)
+    runtime_dir = os.path.abspath(args.runtime_dir)
+    # Until it is done, nothing is written to a file: the filesystem under it
+    # may be the frozen one.
+    log.start(args.log_level, args.syslog, held=True)
+
+    def carry_on(signum, frame):
+        # A handler, not SIG_IGN: commands get the default back at exec.
+        log.info("%s received during a recovery: ignored until it is done",
+                 signal.Signals(signum).name)
+
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, carry_on)
+    prepare_for_commands()
+    if not os.path.lexists(runtime_dir):
+        log.info("recover: %s does not exist: no window is owed", runtime_dir)
+        return 0
+    private_dir(runtime_dir, "--runtime-dir")
+    if lock_runtime_dir(runtime_dir, "recover", LOCK_WAIT) is None:
+        log.info("recover: a running synchook holds %s: the window is its own", runtime_dir)
+        return 0
+    cfg = Config()
+    cfg.sync = cfg.post_sync = cfg.hold = cfg.hooks_dir = cfg.freeze = cfg.freeze_under = ""
+    cfg.timeout = None                   # the marker's
+    window = SyncWindow(Phases(cfg), XO_TIMEOUT, runtime_dir)
+    try:
+        if not window.recover("recover", settings=False):
+            log.info("recover: no window is owed (%s)", window.marker)
+            return 0
+        give_up = time.monotonic() + RECOVER_RETRY
+        while window.is_open and time.monotonic() < give_up:
+            time.sleep(max(0.0, min(window.deadline, give_up) - time.monotonic()))
+            window._close("recover", "recover")
+        if window.is_open:
+            log.error("recover: the post phase is still owed (%s): the next start runs it "
+                      "(marker %s)", window.owed, window.marker)
+            return 1
+        return 0
+    finally:
+        log.release()
+
+
 def reopen_standard_fds():
     """Started with 0, 1 or 2 closed (`0<&- 1>&- 2>&-`), the next pipe or
     socket would take that number, and log lines would go into it: give each
@@ -4035,12 +4753,22 @@ def main(argv=None):
     reopen_standard_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
-    if argv and argv[0] in ("serve", "check", "call", "tag", "status", "thaw"):
+    if argv and argv[0] in ("serve", "check", "call", "tag", "status", "thaw", "recover"):
         command = argv.pop(0)
+    if sys.argv[0] and os.path.isfile(sys.argv[0]):
+        PROGRAM[0] = os.path.abspath(sys.argv[0])     # before cwd becomes /
     if command == "call":
         return cmd_call(argv)
     if command == "thaw":
         return cmd_thaw(argv)
+    if command == "recover":
+        try:
+            return cmd_recover(argv)
+        except ConfigError as err:
+            sys.stderr.write("%s: error: %s\n" % (PROG, err))
+            return 2
+        finally:
+            log.close()
     prog = os.path.basename(sys.argv[0]) + ("" if command == "serve" else " " + command)
     args = parse_serve_flags(argv) if command == "serve" else None
     if args is None:
@@ -4058,7 +4786,9 @@ def main(argv=None):
             return cmd_tag(args, cfg)
         if command == "status":
             return cmd_status(args, cfg)
-        log.start(cfg.log_level, cfg.syslog)
+        # The daemon writes no file until its recovery has thawed what a dead
+        # run froze (cmd_serve releases the log).
+        log.start(cfg.log_level, cfg.syslog, held=command == "serve")
         prepare_for_commands()
         if command == "check":
             return cmd_check(cfg)

@@ -62,10 +62,12 @@ class Daemon:
     """A running synchook.py: its port, its log, and XO-like requests."""
 
     def __init__(self, tmp_path, args, env=None, python=None, state_dir=None, wait=True,
-                 cwd=None, command=None, preexec_fn=None):
+                 cwd=None, command=None, preexec_fn=None, runtime="run"):
         self.tmp = tmp_path
         self.log_path = str(tmp_path / ("daemon-%d.log" % time.monotonic_ns()))
-        self.runtime = str(tmp_path / "run")
+        self.runtime = str(tmp_path / runtime)
+        if "--runtime-dir" in args:
+            self.runtime = args[list(args).index("--runtime-dir") + 1]
         self.args = list(args)
         # SYNCHOOK_TEST_PYTHON runs every daemon of the suite under another interpreter.
         python = python or os.environ.get("SYNCHOOK_TEST_PYTHON") or sys.executable
@@ -83,12 +85,24 @@ class Daemon:
         full_env.pop("JOURNAL_STREAM", None)
         full_env.update(env or {})
         self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log_file,
+        # stderr is a pipe, as under systemd (the journal): synchook holds log lines
+        # meant for a file while a window is open (tests/test_dying.py uses a file).
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT,
                                      preexec_fn=preexec_fn)
+        self.copier = threading.Thread(target=self._copy_log, daemon=True)
+        self.copier.start()
         self.port = None
         if wait:
             self.wait_listening()
+
+    def _copy_log(self):
+        try:
+            for chunk in iter(lambda: os.read(self.proc.stdout.fileno(), 65536), b""):
+                self.log_file.write(chunk)
+                self.log_file.flush()
+        except (OSError, ValueError):          # closed at teardown
+            pass
 
     def wait_listening(self, timeout=30):
         deadline = time.monotonic() + timeout
@@ -136,6 +150,27 @@ class Daemon:
     def signal(self, sig):
         self.proc.send_signal(sig)
 
+    def guardian_pid(self, timeout=10):
+        """The pid of this daemon's guardian (a child shell named synchook-guardian)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for pid in children(self.proc.pid):
+                try:
+                    with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                        if b"synchook-guardian" in handle.read():
+                            return pid
+                except OSError:
+                    pass
+            assert time.monotonic() < deadline, "no guardian found"
+            time.sleep(0.02)
+
+    def kill_all(self):
+        """SIGKILL the guardian, then the daemon: as `systemctl kill -s KILL` (a whole
+        service) would, so that only a restart can close the window."""
+        os.kill(self.guardian_pid(), signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(10)
+
     def wait(self, timeout=30):
         return self.proc.wait(timeout)
 
@@ -147,7 +182,24 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.copier.join(2)
+        self.proc.stdout.close()
         self.log_file.close()
+
+
+def children(pid):
+    found = []
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as handle:
+                found.extend(int(word) for word in handle.read().split())
+        except OSError:
+            pass
+    return found
 
 
 @pytest.fixture
@@ -161,6 +213,8 @@ def start(tmp_path, shared_cert):
             if not state.exists():
                 shutil.copytree(str(shared_cert), str(state))
             kwargs["state_dir"] = state
+        # Each daemon its own runtime dir (one run holds it), unless the test names one.
+        kwargs.setdefault("runtime", "run%d" % len(daemons) if daemons else "run")
         daemon = Daemon(tmp_path, args, **kwargs)
         daemons.append(daemon)
         return daemon
@@ -223,3 +277,71 @@ def start_writer(point, name="data"):
 
     threading.Thread(target=write, daemon=True).start()
     return done
+
+
+# Loop-mounted filesystems of the test's own: the only ones a test may freeze --------
+
+def why_not():
+    if os.geteuid() != 0:
+        return "needs root (loop devices, mount)"
+    missing = [t for t in ("losetup", "mkfs.ext4", "mount", "umount") if not shutil.which(t)]
+    if missing:
+        return "missing tools: %s (apt-get install util-linux e2fsprogs)" % ", ".join(missing)
+    return None
+
+
+class Loops:
+    """Loop-mounted filesystem images below one directory of the test's own."""
+
+    def __init__(self, tmp_path):
+        self.base = tmp_path / "mnt"
+        self.base.mkdir()
+        self.tmp = tmp_path
+        self.devices, self.points = [], []
+
+    def add(self, fstype="ext4", name=None):
+        name = name or "fs%d" % len(self.points)
+        image = self.tmp / (name.replace("/", "-") + ".img")
+        with open(str(image), "wb") as handle:
+            handle.truncate((320 if fstype == "xfs" else 32) * 1024 * 1024)
+        made = run(["mkfs." + fstype, "-q"] + (["-F"] if fstype == "ext4" else ["-f"])
+                   + [str(image)])
+        if made.returncode:
+            pytest.skip("mkfs.%s failed: %s" % (fstype, made.stderr.strip()))
+        loop = run(["losetup", "--find", "--show", str(image)])
+        if loop.returncode:
+            pytest.skip("no loop device here: " + loop.stderr.strip())
+        self.devices.append(loop.stdout.strip())
+        point = self.base / name
+        point.mkdir(parents=True, exist_ok=True)
+        mounted = run(["mount", self.devices[-1], str(point)])
+        if mounted.returncode:
+            pytest.skip("cannot mount a loop device here: " + mounted.stderr.strip())
+        self.points.append(str(point))
+        return str(point)
+
+    def close(self):
+        for point in reversed(self.points):
+            run([sys.executable, SYNCHOOK, "thaw", "--under", point])   # whatever happened
+        for point in reversed(self.points):
+            run(["umount", "-l", point])
+        for device in self.devices:
+            run(["losetup", "-d", device])
+
+
+@pytest.fixture
+def loops(tmp_path):
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    made = Loops(tmp_path)
+    yield made
+    made.close()
+
+
+def assert_frozen(point):
+    assert not start_writer(point).wait(0.5), "%s is not frozen" % point
+
+
+def assert_thawed(point):
+    assert start_writer(point, "after").wait(10), "%s is still frozen" % point

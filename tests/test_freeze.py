@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, interpreters, run, start_writer
+from conftest import SYNCHOOK, assert_frozen, assert_thawed, interpreters, run  # noqa: F401
+from conftest import start_writer  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(SYNCHOOK))
 import synchook  # noqa: E402
@@ -24,72 +25,6 @@ FSTYPES = [pytest.param("ext4", id="ext4"),
            pytest.param("xfs", id="xfs", marks=pytest.mark.skipif(
                shutil.which("mkfs.xfs") is None, reason="mkfs.xfs not installed "
                "(apt-get install xfsprogs)"))]
-
-
-def why_not():
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mount)"
-    missing = [t for t in ("losetup", "mkfs.ext4", "mount", "umount") if not shutil.which(t)]
-    if missing:
-        return "missing tools: %s (apt-get install util-linux e2fsprogs)" % ", ".join(missing)
-    return None
-
-
-class Loops:
-    """Loop-mounted filesystem images below one directory of the test's own."""
-
-    def __init__(self, tmp_path):
-        self.base = tmp_path / "mnt"
-        self.base.mkdir()
-        self.tmp = tmp_path
-        self.devices, self.points = [], []
-
-    def add(self, fstype="ext4", name=None):
-        name = name or "fs%d" % len(self.points)
-        image = self.tmp / (name + ".img")
-        with open(str(image), "wb") as handle:
-            handle.truncate((320 if fstype == "xfs" else 32) * 1024 * 1024)
-        made = run(["mkfs." + fstype, "-q"] + (["-F"] if fstype == "ext4" else ["-f"])
-                   + [str(image)])
-        if made.returncode:
-            pytest.skip("mkfs.%s failed: %s" % (fstype, made.stderr.strip()))
-        loop = run(["losetup", "--find", "--show", str(image)])
-        if loop.returncode:
-            pytest.skip("no loop device here: " + loop.stderr.strip())
-        self.devices.append(loop.stdout.strip())
-        point = self.base / name
-        point.mkdir(parents=True, exist_ok=True)
-        mounted = run(["mount", self.devices[-1], str(point)])
-        if mounted.returncode:
-            pytest.skip("cannot mount a loop device here: " + mounted.stderr.strip())
-        self.points.append(str(point))
-        return str(point)
-
-    def close(self):
-        for point in reversed(self.points):
-            run([sys.executable, SYNCHOOK, "thaw", "--under", point])   # whatever happened
-        for point in reversed(self.points):
-            run(["umount", "-l", point])
-        for device in self.devices:
-            run(["losetup", "-d", device])
-
-
-@pytest.fixture
-def loops(tmp_path):
-    reason = why_not()
-    if reason:
-        pytest.skip(reason)
-    made = Loops(tmp_path)
-    yield made
-    made.close()
-
-
-def assert_frozen(point):
-    assert not start_writer(point).wait(0.5), "%s is not frozen" % point
-
-
-def assert_thawed(point):
-    assert start_writer(point, "after").wait(10), "%s is still frozen" % point
 
 
 @pytest.mark.parametrize("fstype", FSTYPES)
@@ -146,12 +81,11 @@ def test_sigkill_while_frozen_restart_thaws_first(start, loops, rec):
     assert d.get("/sync") == (200, "Ok")
     marker = json.load(open(os.path.join(d.runtime, "window.json")))
     assert marker["frozen"] == [a]
-    d.signal(signal.SIGKILL)
-    d.wait()
+    d.kill_all()                                      # the guardian too
     assert_frozen(a)                                  # nobody left to thaw it
     d2 = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"),
                "--runtime-dir", d.runtime)
-    d2.wait_log(r"recovery: %s: thawed" % a)
+    d2.wait_log(r"recovery: %s \(device \d+:\d+\): thawed" % a)
     assert_thawed(a)
     assert rec.lines() == ["post"]
 

@@ -59,6 +59,13 @@ def executable(path, text="#!/bin/sh\n"):
     os.chmod(str(path), 0o755)
 
 
+def running(pid):
+    try:
+        return open("/proc/%d/stat" % pid).read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
 def make_root(tmp_path, kind, python=True):
     """An image on disk, laid out as the distribution's own tools lay one out,
     with a python3 in usr/bin (a link to this interpreter, so that what is
@@ -139,7 +146,7 @@ def test_install_into_root_detects_init_and_writes_files(shell, kind, tmp_path):
     assert "SYNCHOOK_TIMEOUT='20'\n" in conf
     if kind == "systemd":
         unit = (root / "etc/systemd/system/synchook.service").read_text()
-        for line in ("Type=notify", "Restart=on-failure", "KillMode=mixed",
+        for line in ("Type=notify", "Restart=on-failure", "KillMode=process", "OOMScoreAdjust=-900",
                      "TimeoutStopSec=70", "--config /etc/synchook.conf"):
             assert line in unit
         assert "ExecStart=/usr/bin/python3 -I -S /usr/local/sbin/synchook" in unit
@@ -578,7 +585,7 @@ def test_sysv_script_really_starts_reports_and_stops(private_system):
     pid = int(open(system.path("/run/synchook.pid")).read())
     assert answers(port)
     stop = system.run(["/etc/init.d/synchook", "stop"])
-    assert stop.returncode == 0 and not os.path.exists("/proc/%d" % pid)
+    assert stop.returncode == 0 and not running(pid)   # gone, or a zombie left to reap
     assert system.run(["/etc/init.d/synchook", "status"]).returncode == 3
     start = system.run(["/etc/init.d/synchook", "start"])
     assert start.returncode == 0 and "synchook started" in start.stdout
@@ -661,3 +668,30 @@ def test_init_systemd_without_systemd_running_fails(private_system):
     assert out.returncode == 1
     assert "is systemd running? (else pass --init KIND)" in out.stderr, out.stderr
     assert "synchook installed" not in out.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_sysv_script_takes_a_zombie_for_not_running(shell, tmp_path):
+    """A zombie answers kill -0: taken for synchook, it made `start` say "already
+    running" and start nothing, and `restart` wait out STOP_WAIT."""
+    root = make_root(tmp_path, "sysv")
+    out = install(shell, "--root", str(root), "--sync", "true")
+    assert out.returncode == 0, out.stderr
+    pidfile = tmp_path / "synchook.pid"
+    script = (root / "etc/init.d/synchook").read_text().replace(
+        "PIDFILE=/run/synchook.pid", "PIDFILE=%s" % pidfile)
+    (tmp_path / "init").write_text(script)
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while open("/proc/%d/stat" % zombie.pid).read().rsplit(") ", 1)[1][0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pidfile.write_text("%d\n" % zombie.pid)
+        status = run(shell + [str(tmp_path / "init"), "status"])
+        assert status.returncode == 3 and "not running" in status.stdout, status.stdout
+        began = time.monotonic()
+        stop = run(shell + [str(tmp_path / "init"), "stop"])
+        assert "not running" in stop.stdout and time.monotonic() - began < 5
+    finally:
+        zombie.wait()

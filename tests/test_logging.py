@@ -152,6 +152,10 @@ def test_syslog_missing_socket_logs_to_the_fallback_file(tmp_path):
     with daemon_in_namespace(tmp_path, False, "echo from-the-hook") as (port, _, pid):
         assert http(port, "/sync") == (200, "Ok\n")
         path = "/proc/%d/root/var/log/synchook.log" % pid
+        time.sleep(0.3)
+        # Held while the window is open (the file's filesystem may be the frozen one)...
+        assert "sync| from-the-hook" not in open(path).read()
+        assert http(port, "/post-sync") == (200, "Ok\n")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             text = open(path).read() if os.path.exists(path) else ""

@@ -278,8 +278,7 @@ def test_crash_mid_sync_restart_ends_the_sync_command_before_the_post(start, rec
     rec.wait_for(["sync-start"])
     marker = json.load(open(os.path.join(d.runtime, "window.json")))
     assert marker["groups"] and marker["groups"][0]["pgid"] > 1
-    d.signal(signal.SIGKILL)
-    d.wait()
+    d.kill_all()                                   # the guardian too: the restart's job
     d2 = start("--sync", sync, "--post-sync", rec.cmd("post"), "--runtime-dir", d.runtime)
     d2.wait_log(r"ending process group %d" % marker["groups"][0]["pgid"])
     time.sleep(4)                                  # the old "sleep 3" would be done by now
