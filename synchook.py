@@ -6,7 +6,8 @@ before it snapshots the VM, waits for the answer (60 s at most), snapshots, then
 calls ``GET /post-sync``.  synchook answers those calls by running the commands
 the admin configured (flush a database, ``fsfreeze -f /data``; then
 ``fsfreeze -u /data``) and guarantees that every window it opened is closed:
-on /post-sync, after --max-hold seconds, on shutdown, and after a crash.
+on /post-sync, after --max-hold seconds, on shutdown, and when synchook itself
+dies (its guardian, or the next start, runs the post phase).
 
 One file, Python 3.6 or newer, standard library only.  Run ``synchook.py
 --help``; the README has the whole story.
@@ -15,18 +16,21 @@ The file reads top to bottom in the order a request travels; its banner
 sections are:
 
   Constants             limits and names, one comment each
-  Logging               a bounded queue and one writer thread: never blocks a thaw
+  Logging               a bounded queue and one writer thread: never blocks a thaw,
+                        writes no file while a window is open
   Configuration         flag > variable > --config file > default; trusted files
   Running commands      process groups, bounded time and output, --hold, hooks,
                         the steps of a phase
-  Freezing filesystems  --freeze: FIFREEZE/FITHAW, the mount selection
-  The sync window       the state machine: one window, its post phase owed once
+  Freezing filesystems  --freeze: FIFREEZE/FITHAW, the mount selection, identity
+  The sync window       the state machine: one window, its post phase owed once;
+                        the marker, recovery, the runtime dir's lock, the guardian
   HTTP                  one handler: strict, bounded parsing; nothing reaches a shell
   The server            connection threads, signals, TLS detection, allow-list,
                         the cap
   TLS                   a self-signed certificate from the standard library
   call, check, ...      the admin's tools: call, tag, thaw, status, check
-  serve, and main       start-up order (recovery first), the command line
+  serve, and main       start-up order (lock, recovery, guardian, then the rest),
+                        recover, the command line
 """
 
 import sys
@@ -72,7 +76,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -2580,6 +2584,15 @@ class SyncWindow:
             finally:
                 self._give_turn()
 
+    def retry_owed(self, why, patience):
+        """Try what is owed of the post phase again, as POST_RETRIES paces it,
+        for `patience` seconds at most; True once the window is closed."""
+        give_up = time.monotonic() + patience
+        while self.is_open and time.monotonic() < give_up:
+            time.sleep(max(0.0, min(self.deadline, give_up) - time.monotonic()))
+            self._close(why, why)
+        return not self.is_open
+
     def shutdown(self):
         """Wait for the running command, close an open window, refuse the rest.
 
@@ -2590,11 +2603,7 @@ class SyncWindow:
             if self.is_open:
                 log.warning("shutting down with a window open: running the post phase")
                 self._close("shutdown", "shutdown")
-                give_up = time.monotonic() + SHUTDOWN_RETRY
-                while self.is_open and time.monotonic() < give_up:
-                    time.sleep(max(0.0, min(self.deadline, give_up) - time.monotonic()))
-                    self._close("shutdown", "shutdown")
-                if self.is_open:
+                if not self.retry_owed("shutdown", SHUTDOWN_RETRY):
                     log.error("exiting with the post phase still owed (%s): the next start "
                               "runs it (marker %s)", self.owed, self.marker)
             with self.cond:
@@ -4717,11 +4726,7 @@ def cmd_recover(argv):
         if not window.recover("recover", settings=False):
             log.info("recover: no window is owed (%s)", window.marker)
             return 0
-        give_up = time.monotonic() + RECOVER_RETRY
-        while window.is_open and time.monotonic() < give_up:
-            time.sleep(max(0.0, min(window.deadline, give_up) - time.monotonic()))
-            window._close("recover", "recover")
-        if window.is_open:
+        if not window.retry_owed("recover", RECOVER_RETRY):
             log.error("recover: the post phase is still owed (%s): the next start runs it "
                       "(marker %s)", window.owed, window.marker)
             return 1

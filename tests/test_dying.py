@@ -162,6 +162,7 @@ class FrozenRoot:
         self.log = os.path.join(self.point, "synchook.log")
         self.rec = str(tmp_path / "rec")
         self.port = free_port()
+        self.procs = []
 
     def start(self, extra="", stderr_on_root=True, log_level="info"):
         """synchook from M, its runtime dir in M/run (whose parent is M)."""
@@ -172,7 +173,16 @@ class FrozenRoot:
                                                 self.run_dir, self.point, self.rec,
                                                 log_level, extra, stderr))
         proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
         self.stderr = stderr
+        return proc
+
+    def frozen_window(self, **kwargs):
+        """A synchook started from M whose /sync froze M."""
+        proc = self.start(**kwargs)
+        self.wait_listening(proc)
+        assert self.get("/sync") == (200, "Ok")
+        assert_frozen(self.point)
         return proc
 
     def wait_listening(self, proc, timeout=20):
@@ -212,21 +222,16 @@ def kill_guardian_and(proc):
 @pytest.fixture
 def root(loops, tmp_path):
     made = FrozenRoot(loops, tmp_path)
-    procs = []
-    yield made, procs
-    for proc in procs:
+    yield made
+    for proc in made.procs:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
 
 def test_frozen_root_sigkill_no_restart_thawed_within_2_s(root):
-    m, procs = root
-    proc = m.start()
-    procs.append(proc)
-    m.wait_listening(proc)
-    assert m.get("/sync") == (200, "Ok")
-    assert_frozen(m.point)
+    m = root
+    proc = m.frozen_window()
     writer = start_writer(m.point, "probe")
     began = time.monotonic()
     proc.kill()
@@ -246,19 +251,13 @@ def test_frozen_root_sigkill_no_restart_thawed_within_2_s(root):
 def test_frozen_root_restart_while_still_frozen_recovers(root):
     """The guardian lost too (a whole service SIGKILLed): the restart, started from
     M with its runtime dir's parent on M, must recover before it blocks on M."""
-    m, procs = root
-    proc = m.start()
-    procs.append(proc)
-    m.wait_listening(proc)
-    assert m.get("/sync") == (200, "Ok")
-    assert_frozen(m.point)
-    kill_guardian_and(proc)
+    m = root
+    kill_guardian_and(m.frozen_window())
     time.sleep(0.3)
     assert_frozen(m.point)                             # nobody left to thaw it
     # The restart's stderr cannot be a file on M: opening it for writing would wait
     # in the shell, before synchook runs (the README says so); the rest is on M.
     restart = m.start(stderr_on_root=False)
-    procs.append(restart)
     assert start_writer(m.point, "probe").wait(5), "restart did not thaw M:\n" + m.read_log()
     assert wait_until(lambda: m.posts() == ["post"], 5), m.read_log()
     m.wait_listening(restart)
@@ -267,12 +266,8 @@ def test_frozen_root_restart_while_still_frozen_recovers(root):
 
 
 def test_frozen_root_sigterm_with_many_lines_queued(root):
-    m, procs = root
-    proc = m.start(extra="--hold 'seq 1 1500; cat >/dev/null'", log_level="debug")
-    procs.append(proc)
-    m.wait_listening(proc)
-    assert m.get("/sync") == (200, "Ok")
-    assert_frozen(m.point)
+    m = root
+    proc = m.frozen_window(extra="--hold 'seq 1 1500; cat >/dev/null'", log_level="debug")
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0

@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, assert_frozen, assert_thawed, interpreters, run  # noqa: F401
-from conftest import start_writer  # noqa: F401
+from conftest import SYNCHOOK, assert_frozen, assert_thawed, interpreters, run
 
 sys.path.insert(0, os.path.dirname(SYNCHOOK))
 import synchook  # noqa: E402
