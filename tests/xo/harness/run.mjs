@@ -8,7 +8,10 @@
 // Input: tags, networks (guest metrics), power_state ("Running"), method ("snapshot"
 // or "checkpoint"), snapshot ("ok" | "throw"), checkpoint ("ok" | "bad_power_state"),
 // syncHookSecret, syncHookTimeout (ms), settle_ms (how long to wait for the detached
-// /post-sync).
+// /post-sync), disks (argv lists VM.snapshot runs one after another, as XAPI's
+// safe_clone_disks snapshots a VM's disks: each an atomic copy of one disk) and
+// disk_gaps_ms (the time between two of them).
+import { spawnSync } from 'node:child_process'
 import { configure } from '@xen-orchestra/log/configure'
 
 const input = JSON.parse(process.argv[2])
@@ -52,6 +55,16 @@ const records = {
   VM_guest_metrics: { [METRICS]: { $ref: METRICS, networks: input.networks ?? {} } },
 }
 const calls = []
+const disks = []
+async function snapshotDisks () {
+  for (const [index, argv] of (input.disks ?? []).entries()) {
+    if (index > 0) await new Promise(resolve => setTimeout(resolve, input.disk_gaps_ms?.[index - 1] ?? 0))
+    const started = Date.now()
+    const copy = spawnSync(argv[0], argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] })
+    if (copy.status !== 0) throw new Error('disk copy failed: ' + argv.join(' ') + ': ' + copy.stderr)
+    disks.push({ argv, started, ended: Date.now() })
+  }
+}
 xapi.getRecord = async (type, ref) => records[type][ref]
 xapi.getField = async () => []
 xapi.setField = async (type, ref, field) => { calls.push(`setField ${type} ${field}`) }
@@ -63,6 +76,7 @@ xapi.callAsync = async (cancelToken, method) => {
   if (method === 'VM.checkpoint' && input.checkpoint === 'bad_power_state') {
     throw Object.assign(new Error('VM_BAD_POWER_STATE'), { code: 'VM_BAD_POWER_STATE' })
   }
+  if (method === 'VM.snapshot') await snapshotDisks()
   return SNAPSHOT
 }
 
@@ -80,7 +94,7 @@ while (Date.now() < deadline && requests.some(r => r.ended === undefined)) {
 }
 globalThis.synchookHookPhase = false
 
-process.stdout.write(JSON.stringify({ result, error, requests, logs, calls,
+process.stdout.write(JSON.stringify({ result, error, requests, logs, calls, disks,
   touched_stubs: [...globalThis.synchookStubsTouched],
   stand_ins: [...globalThis.synchookStandIns].sort() }) + '\n')
 process.exit(0)
