@@ -33,14 +33,14 @@ trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0
 #   --purge                SYNCHOOK_PURGE=1     --uninstall, plus config and state
 # and every daemon setting, written to /etc/synchook.conf:
 #   --sync CMD             SYNCHOOK_SYNC           and so on for --post-sync,
-#   --hold, --hooks-dir, --freeze, --freeze-under, --timeout, --max-hold, --listen,
+#   --hold, --hooks-dir, --hook-words, --freeze, --freeze-under, --timeout, --max-hold, --listen,
 #   --port, --tls, --tls-cert,
 #   --tls-key, --secret, --secret-file, --allow, --header-timeout,
 #   --max-connections, --runtime-dir, --state-dir, --log-level
 #   (SYNCHOOK_<NAME IN CAPITALS>).
 
 # Daemon settings install.sh writes to the config (tests check this matches synchook.py).
-DAEMON_OPTIONS="sync post-sync hold hooks-dir freeze freeze-under timeout max-hold listen port tls
+DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under timeout max-hold listen port tls
 tls-cert tls-key secret secret-file allow header-timeout max-connections runtime-dir state-dir
 log-level"
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
@@ -85,7 +85,8 @@ Installs synchook as a service, running now and at every boot.
 
 Daemon settings (written to /etc/synchook.conf, mode 0600; a setting not given keeps
 the value it had, --reset forgets them all; the new program checks them first):
-  --sync CMD  --post-sync CMD  --hold CMD  --hooks-dir DIR  --freeze all|MOUNT,...
+  --sync CMD  --post-sync CMD  --hold CMD  --hooks-dir DIR  --hook-words SYNC,POST
+  --freeze all|MOUNT,...
   --freeze-under DIR  --timeout SEC
   --max-hold SEC  --listen ADDR  --port N  --tls auto|on|off  --tls-cert PATH
   --tls-key PATH  --secret S  --secret-file PATH  --allow LIST

@@ -624,6 +624,13 @@ def parse_freeze(text):
     return points
 
 
+def parse_hook_words(text):
+    words = [word.strip() for word in text.split(",")]
+    if len(words) != 2 or not all(re.match(r"^[A-Za-z0-9_.-]+$", word) for word in words):
+        raise ConfigError("two words, comma-separated (sync,post-sync or freeze,thaw)")
+    return words
+
+
 def parse_listen(text):
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
@@ -650,6 +657,9 @@ OPTIONS = [
     Option("hooks_dir", "--hooks-dir", "SYNCHOOK_HOOKS_DIR", "", parse_text, "DIR", "hooks",
            "directory of executable hooks run with 'sync' (name order) and "
            "'post-sync' (reverse order)"),
+    Option("hook_words", "--hook-words", "SYNCHOOK_HOOK_WORDS", "sync,post-sync", parse_hook_words,
+           "SYNC,POST", "hooks", "the argument --hooks-dir hooks get in each phase; freeze,thaw "
+           "runs qemu-guest-agent's fsfreeze-hook.d scripts unchanged"),
     Option("freeze", "--freeze", "SYNCHOOK_FREEZE", "", parse_freeze, "all|MOUNT,...", "hooks",
            "freeze these mount points, or every local filesystem ('all'), as the last "
            "step of /sync; thawed first on /post-sync (no fsfreeze needed)"),
@@ -1789,10 +1799,16 @@ class Phases:
         self.base_env = dict(os.environb)
         self.base_env.pop(b"SYNCHOOK_SECRET", None)
 
-    def env(self, phase, client):
+    def env(self, phase, client, sync_result=None):
+        """A command's environment: synchook's own, less the secret, plus the
+        phase, the client and, in the post phase, how the sync phase went
+        (ok, failed, none: no window was open, unknown: a recovery), as
+        VMware tells its post-thaw scripts about a freeze that failed."""
         env = dict(self.base_env)
         env[b"SYNCHOOK_PHASE"] = phase.encode()
         env[b"SYNCHOOK_CLIENT"] = client.encode()
+        if sync_result is not None:
+            env[b"SYNCHOOK_SYNC_RESULT"] = sync_result.encode()
         return env
 
     def hooks(self):
@@ -1807,7 +1823,8 @@ class Phases:
         if self.hold is not None:
             steps.append(self.hold.start(env, self.cfg.timeout, cancel, on_start))
         for path in ([] if steps and not steps[-1].ok else self.hooks()):
-            steps.append(run_command([path, "sync"], "sync hook %s" % os.path.basename(path),
+            steps.append(run_command([path, self.cfg.hook_words[0]],
+                                     "sync hook %s" % os.path.basename(path),
                                      env, self.cfg.timeout, cancel, on_start))
             if not steps[-1].ok:
                 break
@@ -1833,18 +1850,19 @@ class Phases:
         if self.cfg.post_sync:
             plan.append(("post-sync", [SHELL, "-c", self.cfg.post_sync]))
         for path in reversed(self.hooks()):
-            plan.append(("post-sync hook %s" % os.path.basename(path), [path, "post-sync"]))
+            plan.append(("post-sync hook %s" % os.path.basename(path),
+                         [path, self.cfg.hook_words[1]]))
         if self.hold is not None:
             plan.append(("hold", None))
         return plan
 
-    def run_post_steps(self, plan, client, on_start=None):
+    def run_post_steps(self, plan, client, sync_result, on_start=None):
         """Run plan's steps in order until one cannot start.
 
         Returns (results, rest): rest is what is still owed, beginning with
         the step that could not start ([] when every step started).
         """
-        env = self.env("post-sync", client)
+        env = self.env("post-sync", client, sync_result)
         results = []
         for index, (label, argv) in enumerate(plan):
             try:
@@ -1866,9 +1884,9 @@ class Phases:
                 return results, plan[index:]
         return results, []
 
-    def post_phase(self, client):
+    def post_phase(self, client, sync_result="none"):
         """The whole post phase once, for `check` and a /post-sync with no window."""
-        return self.run_post_steps(self.post_plan(), client)
+        return self.run_post_steps(self.post_plan(), client, sync_result)
 
 
 def phase_answer(steps):
@@ -2388,7 +2406,10 @@ class SyncWindow:
         if self.post_rest is None:
             self.post_rest = list(self.plan)
         # Post-phase groups are not recorded: a restart reruns the post phase anyway.
-        results, rest = self.phases.run_post_steps(self.post_rest, client)
+        status = self.window_answer[0] if self.window_answer else None
+        sync_result = ("unknown" if client in ("restart", "recover") else
+                       "ok" if status == 200 else "failed")
+        results, rest = self.phases.run_post_steps(self.post_rest, client, sync_result)
         done = self.post_rest[:len(self.post_rest) - len(rest)]
         self.post_results.extend(result for result in results if result.started)
         self.post_done.extend(label for label, _ in done)
@@ -4537,12 +4558,15 @@ def cmd_check(cfg):
     phases = Phases(cfg, freezing=False)
     signal.signal(signal.SIGTERM, interrupt)
     print("sync phase:")
+    sync_result = "failed"
     try:
-        report_steps(phases.sync_phase("check", Canceller()))
+        sync_steps = phases.sync_phase("check", Canceller())
+        report_steps(sync_steps)
+        sync_result = "ok" if all(step.ok for step in sync_steps) else "failed"
     except KeyboardInterrupt:
         report(False, "interrupted during the sync phase")
     print("post phase:")                   # owed whatever happened above
-    steps, rest = phases.post_phase("check")
+    steps, rest = phases.post_phase("check", sync_result)
     tries, give_up = 0, time.monotonic() + 60
     while rest and time.monotonic() < give_up:
         wait = POST_RETRIES[min(tries, len(POST_RETRIES) - 1)]
@@ -4551,7 +4575,7 @@ def cmd_check(cfg):
         sys.stdout.flush()
         time.sleep(wait)
         tries += 1
-        more, rest = phases.run_post_steps(rest, "check")
+        more, rest = phases.run_post_steps(rest, "check", sync_result)
         steps = [step for step in steps if step.started] + more
     report_steps(steps)
     print("all good" if not problems else "%d problem(s)" % len(problems))
@@ -4720,6 +4744,7 @@ def cmd_recover(argv):
         return 0
     cfg = Config()
     cfg.sync = cfg.post_sync = cfg.hold = cfg.hooks_dir = cfg.freeze = cfg.freeze_under = ""
+    cfg.hook_words = ["sync", "post-sync"]
     cfg.timeout = None                   # the marker's
     window = SyncWindow(Phases(cfg), XO_TIMEOUT, runtime_dir)
     try:

@@ -137,6 +137,49 @@ def test_unsafe_hooks_skipped_with_warning(start, rec, hooks_dir):
     d.wait_log(r"warning: hooks dir: .*70-foreign: not owned by root")
 
 
+# As qemu-guest-agent's own sample fsfreeze-hook.d/mysql-flush.sh is written.
+QEMU_GA_HOOK = """
+case "$1" in
+    freeze) echo "ga-freeze" >> "$REC" ;;
+    thaw) echo "ga-thaw" >> "$REC" ;;
+    *) echo "ga-unknown-$1" >> "$REC"; exit 1 ;;
+esac"""
+
+
+def test_qemu_ga_fsfreeze_hooks_run_unchanged_with_hook_words(start, rec, tmp_path):
+    directory = tmp_path / "fsfreeze-hook.d"
+    directory.mkdir()
+    os.chmod(str(directory), 0o755)
+    make_hook(directory, "mysql-flush.sh", QEMU_GA_HOOK)
+    d = start("--hooks-dir", str(directory), "--hook-words", "freeze,thaw", "--sync",
+              rec.cmd("sync"), "--post-sync", rec.cmd("post"), env={"REC": rec.file})
+    assert d.get("/sync") == (200, "Ok")
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["ga-freeze", "sync", "post", "ga-thaw"]
+
+
+def test_bad_hook_words_exit_2(tmp_path):
+    for words in ("freeze", "a,b,c", "fr eeze,thaw", "$(x),thaw"):
+        out = run([sys.executable, SYNCHOOK, "--hook-words", words, "--tls", "off"])
+        assert out.returncode == 2 and "--hook-words" in out.stderr, (words, out.stderr)
+
+
+def test_post_steps_are_told_how_the_sync_phase_went(start, rec, tmp_path):
+    post = "echo post-$SYNCHOOK_SYNC_RESULT >> %s" % rec.file
+    d = start("--sync", "[ -e %s/fail ] && exit 3; true" % tmp_path, "--post-sync", post)
+    assert d.get("/sync") == (200, "Ok")
+    assert d.get("/post-sync") == (200, "Ok")
+    (tmp_path / "fail").write_text("")
+    assert d.get("/sync")[0] == 500
+    assert d.get("/post-sync") == (200, "Ok")
+    assert d.get("/post-sync") == (200, "Ok")         # no window open
+    assert rec.lines() == ["post-ok", "post-failed", "post-none"]
+    assert d.get("/sync")[0] == 500
+    d.kill_all()                                      # a restart closes it: it cannot know
+    start("--sync", "true", "--post-sync", post, "--runtime-dir", d.runtime)
+    assert rec.lines() == ["post-ok", "post-failed", "post-none", "post-unknown"]
+
+
 def test_failing_hook_skips_later_sync_steps_post_runs_all(start, rec, hooks_dir):
     directory, line = hooks_dir
     make_hook(directory, "15-fail", '[ "$1" = sync ] && exit 1; ' + line)
