@@ -101,6 +101,8 @@ LOG_COALESCE = 0.01                # the writer gathers a burst of lines this lo
 NOISE_BURST = 20                   # log lines one client can cause at will (refusals,
 NOISE_PER_MINUTE = 10              # failures, /status) in a burst, then per minute;
 NOISE_CLIENTS = 4096               # clients tracked; beyond, they share one count
+NOISE_ALL_BURST = 100              # such lines from all clients together: a burst,
+NOISE_ALL_PER_MINUTE = 60          # then per minute (many addresses, one flood)
 NOISE_SUMMARY = 60.0               # how often "N more from ADDR" is logged
 IDLE_WORKERS = 4                   # connection threads kept waiting for the next one
 POST_RETRIES = (1.0, 2.0, 5.0, 10.0)   # waits between tries of a post phase that could
@@ -262,14 +264,14 @@ class Log:
         if level < self.level:
             return
         admitted, summaries = self.noise_filter.admit(client, time.monotonic())
-        for summary in summaries:
-            self._emit(20, summary, ())
-        if not admitted:
-            return
-        if len(self.pending) >= LOG_QUEUE // 2 and self.thread is not None:
-            self.dropped += 1
-            return
-        self._emit(level, msg, args)
+        lines = [(20, summary, ()) for summary in summaries]
+        if admitted:
+            lines.append((level, msg, args))
+        for line in lines:                 # summaries are noise too: the same rule
+            if len(self.pending) >= LOG_QUEUE // 2 and self.thread is not None:
+                self.dropped += 1
+            else:
+                self._emit(*line)
 
     def _emit(self, level, msg, args):
         if level < self.level:
@@ -357,14 +359,18 @@ class Log:
 
 
 class NoiseFilter:
-    """Per client, a bucket of NOISE_BURST lines refilled at NOISE_PER_MINUTE;
-    what does not fit is counted and summed up once per NOISE_SUMMARY.  No
+    """Per client, a bucket of NOISE_BURST lines refilled at NOISE_PER_MINUTE,
+    and one bucket for all clients together (NOISE_ALL_BURST, NOISE_ALL_PER_MINUTE:
+    a flood from many addresses); what does not fit is counted and summed up
+    once per NOISE_SUMMARY, in one line when many clients were left out.  No
     timer: the summary rides on the next noisy line from anyone."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.clients = {}              # address -> [tokens, last seen, lines not logged]
         self.next_summary = 0.0
+        self.all_tokens = float(NOISE_ALL_BURST)
+        self.all_seen = 0.0
 
     def admit(self, client, now):
         """(log this line?, summary lines due now)"""
@@ -377,8 +383,11 @@ class NoiseFilter:
                 if entry is None:
                     entry = self.clients[client] = [float(NOISE_BURST), now, 0]
             tokens = min(float(NOISE_BURST), entry[0] + (now - entry[1]) * NOISE_PER_MINUTE / 60)
-            admitted = tokens >= 1
+            everyone = min(float(NOISE_ALL_BURST),
+                           self.all_tokens + (now - self.all_seen) * NOISE_ALL_PER_MINUTE / 60)
+            admitted = tokens >= 1 and everyone >= 1
             entry[0], entry[1] = tokens - 1 if admitted else tokens, now
+            self.all_tokens, self.all_seen = everyone - 1 if admitted else everyone, now
             summaries = []
             if not admitted:
                 entry[2] += 1
@@ -386,10 +395,14 @@ class NoiseFilter:
                 summaries.append(self.summary(client, entry))
             if now >= self.next_summary:
                 self.next_summary = now + NOISE_SUMMARY
+                left_out = [(address, other) for address, other in self.clients.items()
+                            if other[2]]
+                if len(left_out) > 3:
+                    summaries.append(self.crowd_summary(left_out))
+                else:
+                    summaries.extend(self.summary(address, other) for address, other in left_out)
                 for address, other in list(self.clients.items()):
-                    if other[2]:
-                        summaries.append(self.summary(address, other))
-                    elif now - other[1] > 10 * NOISE_SUMMARY:
+                    if not other[2] and now - other[1] > 10 * NOISE_SUMMARY:
                         del self.clients[address]
             return admitted, summaries
 
@@ -398,6 +411,17 @@ class NoiseFilter:
         count, entry[2] = entry[2], 0
         return "%d more log lines from %s not logged (over %d a minute)" % (
             count, address, NOISE_PER_MINUTE)
+
+    @staticmethod
+    def crowd_summary(left_out):
+        busiest = sorted(left_out, key=lambda item: -item[1][2])[:3]
+        shown = ", ".join("%s (%d)" % (address, entry[2]) for address, entry in busiest)
+        total = sum(entry[2] for _, entry in left_out)
+        for _, entry in left_out:
+            entry[2] = 0
+        return ("%d more log lines from %d clients not logged (over %d a minute from one, "
+                "%d from all); the most from %s" % (total, len(left_out), NOISE_PER_MINUTE,
+                                                  NOISE_ALL_PER_MINUTE, shown))
 
 
 class StderrSink:
@@ -822,6 +846,10 @@ def build_serve_parser(prog, command="serve"):
         prog=prog, description=DESCRIPTIONS[command], epilog=SERVE_EPILOG, allow_abbrev=False)
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     if command == "check":
+        parser.add_argument("--no-run", action="store_true",
+                            help="every check a start makes (files, certificate, port, "
+                                 "hooks, the freeze plan) but run no command (what "
+                                 "install.sh does before it replaces a running agent)")
         parser.add_argument("--parse-only", action="store_true",
                             help="check the settings' syntax and values only: no file is "
                                  "opened but the --config file, no command runs (what "
@@ -999,7 +1027,12 @@ def read_config_file(path):
             raise ConfigError("%s line %d: expected SYNCHOOK_NAME=value, got %s (quote a value "
                               "with spaces)" % (path, line, shown))
         if name not in OPTION_BY_ENV or name == "SYNCHOOK_CONFIG":
-            raise ConfigError("%s line %d: unknown setting %s" % (path, line, name))
+            # A secret with a space in it, unquoted, makes its second word look like
+            # a setting: never echo anything of a line that sets the secret.
+            line_text = text.split("\n")[line - 1] if line <= text.count("\n") + 1 else ""
+            shown = "(not shown: a secret line)" if "SECRET" in line_text else name
+            raise ConfigError("%s line %d: unknown setting %s (quote a value with spaces)"
+                              % (path, line, shown))
         values[name] = (value, "%s line %d: %s" % (path, line, name))
 
 
@@ -1045,7 +1078,7 @@ def resolve_config(args, environ=None, check_files=True):
             raw, origin = opt.default, None
         if raw is None:
             raw = default_runtime_dir()
-        if origin is not None and opt.name in MUST_NOT_BE_EMPTY and not raw.strip(", \t"):
+        if origin is not None and opt.name in MUST_NOT_BE_EMPTY and not raw.strip(", \t\r\n"):
             raise ConfigError("%s is set but empty, which would %s; unset it or give a value"
                               % (origin, MUST_NOT_BE_EMPTY[opt.name]))
         try:
@@ -1099,8 +1132,9 @@ def read_secret_file(path):
         data = data[:-2]
     elif data.endswith(b"\n"):
         data = data[:-1]
-    if not data:
-        raise ConfigError("--secret-file %s: file is empty" % path)
+    if not data.strip():
+        raise ConfigError("--secret-file %s: %s" % (path, "file holds only white space"
+                                                    if data else "file is empty"))
     return data.decode("utf-8", "surrogateescape")
 
 
@@ -4348,8 +4382,13 @@ def cmd_tag(args, cfg):
         if not cfg.secret_file:
             raise ConfigError("--secret-new needs --secret-file PATH (SYNCHOOK_SECRET_FILE in "
                               "the config): where the daemon reads the secret")
-        # The daemon will refuse a secret file in a directory others can change.
+        # The config that names the file is trusted as the daemon trusts it (else
+        # anyone who could write it could make root replace any file), so is the
+        # directory, and what is replaced must look like a secret file.
+        if cfg.config:
+            check_trusted(cfg.config, "--config")
         check_trusted(os.path.dirname(os.path.abspath(cfg.secret_file)), "--secret-file")
+        check_replaceable_secret(cfg.secret_file)
         import secrets                                   # a tool: never in a window
         cfg.secret = secrets.token_urlsafe(24)          # URL-safe: nothing to %-encode
         try:
@@ -4368,6 +4407,32 @@ def cmd_tag(args, cfg):
     for tag in tags:
         print(tag)
     return 0
+
+
+def check_replaceable_secret(path):
+    """A file --secret-new may replace: none yet, or one that looks like a secret
+    file (a regular file of root's or ours, private, one short line)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "not a regular file"
+    elif st.st_uid not in (0, os.geteuid()):
+        why = "owned by uid %d" % st.st_uid
+    elif st.st_mode & 0o077:
+        why = "readable or writable by group or others"
+    elif st.st_size > 4096:
+        why = "larger than a secret"
+    else:
+        data = read_regular(path, 4097)
+        if data.rstrip(b"\r\n").count(b"\n") or b"\0" in data:
+            why = "more than one line"
+    if why:
+        raise ConfigError("--secret-file %s: exists and does not look like a secret file (%s): "
+                          "refusing to replace it; remove it or name another file"
+                          % (path, why))
 
 
 # thaw: the rescue, whoever froze what -------------------------------------------
@@ -4520,7 +4585,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cmd_check(cfg):
+def cmd_check(cfg, run_phases=True):
     problems = []
 
     def report(ok, text):
@@ -4555,6 +4620,9 @@ def cmd_check(cfg):
                % (", ".join(mount.point for mount in plan) or "nothing"))
         for point, why in skipped:
             print("--   --freeze would skip %s: %s" % (point, why))
+    if not run_phases:
+        print("all good (no command run)" if not problems else "%d problem(s)" % len(problems))
+        return 0 if not problems else 1
     phases = Phases(cfg, freezing=False)
     signal.signal(signal.SIGTERM, interrupt)
     print("sync phase:")
@@ -4821,7 +4889,7 @@ def main(argv=None):
         log.start(cfg.log_level, cfg.syslog, held=command == "serve")
         prepare_for_commands()
         if command == "check":
-            return cmd_check(cfg)
+            return cmd_check(cfg, run_phases=not args.no_run)
         return cmd_serve(cfg)
     except ConfigError as err:
         line = "%s: error: %s" % (PROG, err)

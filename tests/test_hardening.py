@@ -410,3 +410,77 @@ def test_allow_entry_with_host_bits_or_netmask_refused(tmp_path, entry, shown):
     code, err = serve(tmp_path, "--tls", "off", "--allow", entry)
     assert code == 2
     assert shown in one_line(err)
+
+
+def test_noise_from_many_addresses_is_bounded_in_all(start, rec):
+    """600 loopback addresses, each below its own limit, together above the global one."""
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
+    for i in range(600):
+        d.get("/nope-%d" % i, source="127.0.%d.%d" % (1 + i // 250, 1 + i % 250))
+    assert d.get("/sync") == (200, "Ok")            # a window line, after the flood
+    d.wait_log(r"GET /sync 200")
+    nope = d.log().count("GET /nope-")
+    assert 90 <= nope <= 110, nope                   # the global burst of 100
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]
+
+
+def test_flood_summaries_come_as_one_line_for_many_clients():
+    sys.path.insert(0, os.path.dirname(SYNCHOOK))
+    import synchook
+    noise = synchook.NoiseFilter()
+    summaries = []
+    for i in range(600):
+        for _ in range(3):
+            summaries += noise.admit("127.0.%d.%d" % (i // 250, i % 250), 1.0)[1]
+    summaries += noise.admit("127.9.9.9", 1.0 + synchook.NOISE_SUMMARY)[1]
+    # 100 lines got in (the burst for all), from 34 clients; the other 1,700 are one line
+    assert len(summaries) == 1, summaries[:5]
+    assert summaries[0].startswith("1700 more log lines from 567 clients not logged"), summaries
+
+
+def test_secret_of_white_space_refused(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("\n\n")
+    os.chmod(str(secret), 0o600)
+    code, err = serve(tmp_path, "--secret-file", str(secret))
+    assert code == 2 and "holds only white space" in one_line(err)
+    code, err = serve(tmp_path, env=dict(os.environ, SYNCHOOK_SECRET=" \n"))
+    assert code == 2 and "SYNCHOOK_SECRET is set but empty" in one_line(err)
+
+
+def test_config_error_never_echoes_a_word_of_the_secret(tmp_path):
+    config = tmp_path / "conf"
+    config.write_text("SYNCHOOK_SECRET=hunt er2=xyz\n")
+    os.chmod(str(config), 0o600)
+    code, err = serve(tmp_path, "--config", str(config))
+    line = one_line(err)
+    assert code == 2 and "line 1" in line and "er2" not in line and "xyz" not in line, line
+
+
+@ROOT_ONLY
+def test_tag_secret_new_trusts_no_config_anyone_could_write(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("root-owned data\n")
+    config = tmp_path / "conf"
+    config.write_text("SYNCHOOK_SECRET_FILE=%s\n" % victim)
+    os.chmod(str(config), 0o666)
+    os.chown(str(config), OTHER_UID, OTHER_UID)
+    out = run([sys.executable, SYNCHOOK, "tag", "--secret-new", "--config", str(config)])
+    assert out.returncode == 2 and "--config %s: not trusted" % config in out.stderr, out.stderr
+    assert victim.read_text() == "root-owned data\n"
+
+
+def test_tag_secret_new_replaces_only_a_secret_file(tmp_path):
+    precious = tmp_path / "precious"
+    precious.write_text("line one\nline two\n")
+    os.chmod(str(precious), 0o600)
+    out = run([sys.executable, SYNCHOOK, "tag", "--secret-new", "--secret-file", str(precious)])
+    assert out.returncode == 2 and "does not look like a secret file (more than one line)" \
+        in out.stderr, out.stderr
+    assert precious.read_text() == "line one\nline two\n"
+    old = tmp_path / "secret"
+    old.write_text("old-secret\n")
+    os.chmod(str(old), 0o600)
+    out = run([sys.executable, SYNCHOOK, "tag", "--secret-new", "--secret-file", str(old)])
+    assert out.returncode == 0 and "old-secret" not in old.read_text()
