@@ -43,12 +43,15 @@ trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0
 DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under timeout max-hold listen port tls
 tls-cert tls-key secret secret-file allow header-timeout max-connections runtime-dir state-dir
 log-level"
+INSTALLER_VERSION="1.3.0"      # the synchook release this install.sh comes with
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
 CONFIG_FILE=/etc/synchook.conf
 SERVICE=synchook
 PID_FILE=/run/synchook.pid
 START_LOG=/run/synchook.start   # the daemon's stderr under SysV and rc.local: its start-up lines
 FILE_LOG=/var/log/synchook.log  # where --syslog writes when there is no syslog socket
+LOGROTATE_FILE=/etc/logrotate.d/synchook
+RUNTIME_DIR=/run/synchook
 ANSWER_WAIT=20                  # seconds a started service has to answer on its port
 # Where a Python 3 may be inside an image (--root), first found wins.
 ROOT_PYTHONS="usr/bin/python3 usr/local/bin/python3 usr/libexec/platform-python
@@ -75,12 +78,15 @@ Installs synchook as a service, running now and at every boot.
   --python PATH        the Python 3 to run synchook with, as seen on the target
                        (default: found in --root, else on this machine)
   --reset              start the settings from the defaults, not from the last run's
+  --unset NAME         drop one setting of the last run's (--unset allow)
   --open-firewall      open the port in the firewall found active (firewalld, ufw,
                        nftables or iptables); never done unless asked
   --no-start           do not start or restart the service
   --dry-run            print every action, change nothing
   --uninstall          stop and remove the service and the program
-  --purge              --uninstall, and remove /etc/synchook.conf and the state dir
+  --purge              --uninstall, and remove /etc/synchook.conf, the state dir,
+                       the runtime dir, the log file and its logrotate entry
+  --version            the synchook release this install.sh comes with
   -h, --help           this help
 
 Daemon settings (written to /etc/synchook.conf, mode 0600; a setting not given keeps
@@ -205,6 +211,13 @@ parse_args() {
             --dry-run) DRY_RUN=1 ;;
             --uninstall) UNINSTALL=1 ;;
             --purge) PURGE=1; UNINSTALL=1 ;;
+            --version) printf 'install.sh for synchook %s\n' "$INSTALLER_VERSION"; MAIN_DONE=1; exit 0 ;;
+            --unset)
+                need_value "$@"
+                is_daemon_option "$2" || fatal "--unset $2: not a setting (one of: $(printf '%s' "$DAEMON_OPTIONS" | tr '\n' ' '))"
+                eval "UNSET_$(option_var "$2")=1; export UNSET_$(option_var "$2")"
+                SETTINGS_GIVEN=1
+                shift ;;
             --*=*) fatal "write '${1%%=*} VALUE', not '$1'" ;;
             --*)
                 is_daemon_option "${1#--}" || fatal "unknown option $1 (see --help)"
@@ -268,6 +281,18 @@ find_python() {
             HOST_PYTHON=""
         fi
     done
+    # The distribution's interpreter over one in a home directory (pyenv), which PATH
+    # may name first: a service must not depend on a user's files.
+    case $HOST_PYTHON in
+        /root/*|/home/*)
+            for find_py in /usr/bin/python3 /usr/libexec/platform-python /usr/local/bin/python3; do
+                if [ -x "$find_py" ] && python_ok "$find_py"; then
+                    info "using $find_py rather than $HOST_PYTHON (in a home directory); --python PATH chooses"
+                    HOST_PYTHON=$find_py
+                    break
+                fi
+            done ;;
+    esac
     if [ -z "$HOST_PYTHON" ]; then
         if [ -n "$ROOT" ]; then
             fatal "install.sh needs a Python 3.6 or newer on this machine too, to check synchook.py before it goes into $ROOT"
@@ -295,6 +320,9 @@ find_python() {
         info "Python in $ROOT: $PYTHON"
     else
         PYTHON=$HOST_PYTHON
+        case $PYTHON in
+            /root/*|/home/*) warn "the service will run $PYTHON, in a home directory (pyenv?): pass --python /usr/bin/python3 (or your distribution's) if that is not what you want" ;;
+        esac
     fi
 }
 
@@ -332,6 +360,8 @@ detect_init() {
             INIT=systemd; INIT_WHY="$ROOT has lib/systemd/systemd"
         elif [ -x "$ROOT/sbin/openrc-run" ] || [ -x "$ROOT/usr/sbin/openrc-run" ]; then
             INIT=openrc; INIT_WHY="$ROOT has sbin/openrc-run"
+        elif [ -f "$ROOT/etc/alpine-release" ]; then
+            fatal "$ROOT is an Alpine image without OpenRC: nothing in it would start synchook. Add OpenRC first (apk add --root $ROOT openrc), or pass --init KIND for the init your image runs"
         elif rcs_runs_s_scripts; then
             INIT=sysv; INIT_WHY="$ROOT/etc/init.d/rcS runs S??* scripts (Buildroot, busybox)"
         elif has_rc_dirs; then
@@ -442,6 +472,10 @@ lines, changes, final = [], [], {}
 for opt in synchook.OPTIONS:
     name = opt.env
     given = os.environ.get("SETTING_" + name)
+    if os.environ.get("UNSET_" + name) == "1":
+        if name in old:
+            changes.append("dropped %s (--unset)" % name)
+        continue
     if given is not None:
         final[name] = given
         if name not in old:
@@ -462,7 +496,8 @@ with open(os.path.join(work, "changes"), "w") as out:
     out.write("".join(line + "\n" for line in changes))
 effective = {o.env: final.get(o.env, o.default) for o in synchook.OPTIONS}
 for name, key in (("port", "SYNCHOOK_PORT"), ("listen", "SYNCHOOK_LISTEN"),
-                  ("tls", "SYNCHOOK_TLS"), ("timeout", "SYNCHOOK_TIMEOUT")):
+                  ("tls", "SYNCHOOK_TLS"), ("timeout", "SYNCHOOK_TIMEOUT"),
+                  ("allow", "SYNCHOOK_ALLOW"), ("freeze", "SYNCHOOK_FREEZE")):
     with open(os.path.join(work, name), "w") as out:
         out.write(effective[key] or "")
 with open(os.path.join(work, "secret"), "w") as out:
@@ -477,6 +512,48 @@ PY
     while read -r merge_change; do
         info "$merge_change"
     done <"$WORK/changes"
+    # On a live system, every check a start makes (the secret file, the freeze plan,
+    # the certificate, the port, the hooks), still before anything is written: a
+    # setting that would not start never replaces a running agent.
+    if [ -z "$ROOT" ] && [ "$DRY_RUN" != 1 ] && ! merge_check=$("$HOST_PYTHON" -I -S \
+            "$WORK/synchook.py" check --no-run --config "$WORK/synchook.conf" 2>&1); then
+        fatal "synchook would not start with these settings, nothing installed: $(printf '%s\n' \
+            "$merge_check" | grep -e '^FAIL' -e 'error:' | sed 's/^FAIL *//' | head -n 3 \
+            | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+    fi
+}
+
+# --- a failed start puts the previous agent back ----------------------------
+
+# Everything an install replaces, kept in $WORK/previous before it is: if the new
+# synchook does not start, the old one is put back and started again, so a guest is
+# never left without its agent by a re-install.
+PREVIOUS=0
+keep_previous() {
+    [ -n "$ROOT" ] || [ "$DRY_RUN" = 1 ] && return 0
+    [ -f "$MODULE_DIR/synchook.py" ] || [ -f "$ROOT$CONFIG_FILE" ] || return 0
+    mkdir -p "$WORK/previous" || return 0
+    for keep_path in "$PROGRAM" "$ROOT$CONFIG_FILE" "$(service_file)" "$ROOT/etc/rc.local"; do
+        if [ -n "$keep_path" ] && [ -f "$keep_path" ]; then
+            mkdir -p "$WORK/previous$(dirname "$keep_path")"
+            cp -p "$keep_path" "$WORK/previous$keep_path" || return 0
+        fi
+    done
+    if [ -d "$MODULE_DIR" ]; then
+        mkdir -p "$WORK/previous$(dirname "$MODULE_DIR")"
+        cp -Rp "$MODULE_DIR" "$WORK/previous$MODULE_DIR" || return 0
+    fi
+    PREVIOUS=1
+}
+
+restore_previous() {
+    (cd "$WORK/previous" && find . -type f) | while read -r restore_path; do
+        restore_path=${restore_path#.}
+        mkdir -p "$(dirname "$restore_path")"
+        cp -p "$WORK/previous$restore_path" "$restore_path"
+    done
+    [ "$INIT" = systemd ] && systemctl daemon-reload >/dev/null 2>&1
+    start_service
 }
 
 effective() { cat "$WORK/$1" 2>/dev/null; }
@@ -519,8 +596,10 @@ compile_program() {
         printf 'dry-run: would compile %s/synchook.py with %s\n' "$MODULE_DIR" "$compile_python" >&2
     elif "$compile_python" -c 'pass' 2>/dev/null; then
         rm -rf "$MODULE_DIR/__pycache__"
-        "$compile_python" -I -S -c 'import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True)' \
-            "$MODULE_DIR/synchook.py" || fatal "cannot compile $MODULE_DIR/synchook.py"
+        # dfile: the path as the target sees it, so that an image's bytecode is the same
+        # whatever directory it was built in, and tracebacks name the real file.
+        "$compile_python" -I -S -c 'import py_compile, sys; py_compile.compile(sys.argv[1], dfile=sys.argv[2], doraise=True)' \
+            "$MODULE_DIR/synchook.py" "$PREFIX/lib/synchook/synchook.py" || fatal "cannot compile $MODULE_DIR/synchook.py"
     else
         info "$PYTHON does not run on this machine: no bytecode compiled, synchook runs from source (about 5 MB more memory)"
     fi
@@ -570,9 +649,10 @@ OOMScoreAdjust=-900
 # Hardening that leaves the real mounts visible: hooks run fsfreeze, which needs
 # CAP_SYS_ADMIN and the very mounts ProtectSystem, ProtectHome, PrivateTmp,
 # PrivateMounts or PrivateDevices would hide or replace (see fstrim.service).
+# (Not ProtectClock=: it makes the device cgroup an allow-list, and hooks that touch
+# block devices, lvcreate -s or dmsetup suspend, would get EPERM.)
 ProtectKernelTunables=yes
 ProtectControlGroups=yes
-ProtectClock=yes
 
 [Install]
 WantedBy=multi-user.target
@@ -721,7 +801,17 @@ install_rc_local() {
     fi
 }
 
+# FILE_LOG grows only where there is no syslog socket; where logrotate is, it is
+# rotated (copytruncate: synchook keeps the file open, appending).
+install_logrotate() {
+    case $INIT in openrc|sysv|rc.local) ;; *) return 0 ;; esac
+    [ -d "$ROOT/etc/logrotate.d" ] || return 0
+    printf '%s {\n    weekly\n    maxsize 1M\n    rotate 4\n    compress\n    missingok\n    notifempty\n    copytruncate\n}\n' \
+        "$FILE_LOG" | write_file "$ROOT$LOGROTATE_FILE" 0644
+}
+
 install_service() {
+    install_logrotate
     case $INIT in
         systemd)
             systemd_unit | write_file "$(service_file)" 0644
@@ -769,13 +859,14 @@ enable_sysv() {
     fi
 }
 
+# Non-zero when the service manager says the start failed (start_failed tells why).
 start_service() {
     case $INIT in
         systemd) run systemctl restart "$SERVICE" \
-            || fatal "systemctl restart $SERVICE failed: $(service_log)" ;;
+            || { warn "systemctl restart $SERVICE failed"; return 1; } ;;
         openrc) run rc-service "$SERVICE" restart \
-            || fatal "rc-service $SERVICE restart failed: $(service_log)" ;;
-        sysv) run "$(sysv_script)" restart || fatal "$(sysv_script) restart failed: $(service_log)" ;;
+            || { warn "rc-service $SERVICE restart failed"; return 1; } ;;
+        sysv) run "$(sysv_script)" restart || { warn "$(sysv_script) restart failed"; return 1; } ;;
         rc.local)
             stop_rc_local
             run sh -c "$(rc_local_start)" ;;
@@ -825,8 +916,24 @@ wait_answering() {
         nap
         wait_tries=$((wait_tries + 1))
     done
-    fatal "synchook does not answer on port $(effective port) after $ANSWER_WAIT s. Its log:
+    return 1
+}
+
+# The new synchook did not answer: say why, put the previous one back if there was
+# one, and fail.
+start_failed() {
+    start_failed_log=$(service_log)
+    if [ "$PREVIOUS" = 1 ]; then
+        warn "the new synchook does not answer on port $(effective port); putting the previous program, settings and service back"
+        if restore_previous && wait_answering; then
+            fatal "the new synchook did not start, so the previous one is running again, with its previous settings. The new one's log:
+$start_failed_log"
+        fi
+        fatal "the new synchook did not start, and the previous one (put back) does not answer either. Its log:
 $(service_log)"
+    fi
+    fatal "synchook does not answer on port $(effective port) after $ANSWER_WAIT s. Its log:
+$start_failed_log"
 }
 
 # The daemon's own last lines, wherever this kind of service keeps them.
@@ -851,7 +958,9 @@ summary() {
     summary_port=$(effective port)
     if [ -z "$ROOT" ] && [ "$DRY_RUN" != 1 ] && summary_tag=$("$PYTHON" -I -S "$PROGRAM" tag \
             --config "$CONFIG_FILE" 2>/dev/null | head -n 1) && [ -n "$summary_tag" ]; then
-        :                                  # the exact tag, from synchook tag
+        # The exact tag, from synchook tag, with the secret masked: this output lands
+        # in cloud-init and Ansible logs.
+        summary_tag=$(printf '%s' "$summary_tag" | sed 's/token=[^&]*/token=<secret>/')
     elif [ -n "$(effective secret)" ]; then
         summary_tag="xo:notify-on-snapshot=https://<VM address>:${summary_port:-1727}/?token=<your secret>"
     elif [ "${summary_port:-1727}" = 1727 ] && [ "$(effective tls)" != off ]; then
@@ -864,17 +973,33 @@ summary() {
     summary_what="installed"
     [ "$DRY_RUN" = 1 ] && summary_what="would be installed (dry run: nothing changed)"
     summary_changes=$(tr '\n' ',' <"$WORK/changes" | sed 's/,$//; s/,/, /g')
+    summary_freeze=$(effective freeze)
+    if [ -n "$(effective allow)" ]; then
+        summary_access="clients in $(effective allow)"
+    else
+        summary_access="ANYONE who can reach port ${summary_port:-1727}"
+    fi
+    if [ -n "$(effective secret)" ]; then
+        summary_access="$summary_access, with the secret"
+    else
+        summary_access="$summary_access, no secret"
+    fi
     cat <<SUMMARY
 
 synchook $summary_what ($VERSION)
   program:  $PROGRAM (Python: $PYTHON)
   config:   $ROOT$CONFIG_FILE (mode 0600; change it, then restart the service)
   settings: ${summary_changes:-unchanged}
+  freezes:  ${summary_freeze:-nothing (--freeze not set: only your commands run)}
+  who may run the hooks: $summary_access
   service:  $INIT${ROOT:+ (in $ROOT, not started)}
   logs:     $(log_hint)
   XO tag:   $summary_tag   (all tags: $PREFIX/sbin/synchook tag --config $CONFIG_FILE)
   see it:   $PREFIX/sbin/synchook status --config $CONFIG_FILE
 SUMMARY
+    if [ -z "$(effective allow)" ]; then
+        warn "anyone who can reach port ${summary_port:-1727} can freeze this guest: re-run with --allow <XO's address> (XO itself; backups through an XO Proxy do not call the hook), and see README, Tagging, for a secret in the tag"
+    fi
 }
 
 # --- the firewall, only when asked -----------------------------------------
@@ -999,13 +1124,22 @@ uninstall() {
         case $uninstall_lib in */lib/synchook) [ -d "$uninstall_lib" ] && run rm -rf "$uninstall_lib" ;; esac
     done
     [ -z "$ROOT" ] && remove_files "$PID_FILE" "$START_LOG"
+    remove_files "$ROOT$LOGROTATE_FILE"
     uninstall_done="removed"
     [ "$DRY_RUN" = 1 ] && uninstall_done="would remove (dry run: nothing changed)"
     if [ "$PURGE" = 1 ]; then
         uninstall_state=$(sed -n "s/^SYNCHOOK_STATE_DIR=//p" "$ROOT$CONFIG_FILE" 2>/dev/null | tail -n 1 | tr -d "'")
         uninstall_state=${uninstall_state:-/var/lib/synchook}
         run rm -rf "$ROOT$CONFIG_FILE" "$ROOT$uninstall_state"
-        info "$uninstall_done synchook, its configuration and $uninstall_state"
+        remove_files "$ROOT$FILE_LOG"
+        if [ -z "$ROOT" ] && [ -d "$RUNTIME_DIR" ]; then
+            if [ -e "$RUNTIME_DIR/window.json" ]; then
+                warn "kept $RUNTIME_DIR: it holds a window's marker (a post phase still owed: synchook recover --runtime-dir $RUNTIME_DIR)"
+            else
+                run rm -rf "$RUNTIME_DIR"
+            fi
+        fi
+        info "$uninstall_done synchook, its configuration, $uninstall_state and its log"
     else
         info "$uninstall_done synchook (kept $CONFIG_FILE; --purge removes it)"
     fi
@@ -1028,6 +1162,7 @@ main() {
     get_program
     merge_settings                       # checked by the new program: nothing written yet
     before=$(fingerprint)
+    keep_previous
     remove_launchers "$INIT"             # another kind installed before: stopped, removed
     install_program
     install_config
@@ -1038,11 +1173,13 @@ main() {
         start_service                      # prints what it would run
     elif [ "$NO_START" != 1 ] && [ "$INIT" != none ]; then
         if [ "$before" != "$after" ] || ! synchook_answers; then
-            start_service
+            if ! start_service || ! wait_answering; then
+                start_failed
+            fi
         else
             info "nothing changed: service left running"
+            wait_answering || start_failed
         fi
-        wait_answering
     fi
     summary
     MAIN_DONE=1

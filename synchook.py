@@ -721,7 +721,8 @@ OPTIONS = [
     Option("state_dir", "--state-dir", "SYNCHOOK_STATE_DIR", "/var/lib/synchook", parse_text,
            "DIR", "files", "where a generated certificate and key are kept"),
     Option("config", "--config", "SYNCHOOK_CONFIG", "", parse_text, "FILE", "files",
-           "file of SYNCHOOK_NAME=value lines (sh quoting, never executed)"),
+           "file of SYNCHOOK_NAME=value lines (sh quoting, never executed); tag, status "
+           "and check read /etc/synchook.conf when it exists and none is given"),
     Option("log_level", "--log-level", "SYNCHOOK_LOG_LEVEL", "info",
            parse_choice("debug", "info", "warning", "error"), "LEVEL", "logging",
            "debug, info, warning or error"),
@@ -860,19 +861,32 @@ def build_serve_parser(prog, command="serve"):
                                  "and print the tag that carries it")
     elif command == "status":
         parser.add_argument("--json", action="store_true", help="print /status as it is")
+    import argparse
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    own = TOOL_SETTINGS.get(command)
     for opt in OPTIONS:
         default = opt.default if opt.default is not None else "/run/synchook, per-user if not root"
         shown = "%s=%s, default %s" % (opt.env, "1" if opt.parse is parse_bool else opt.metavar,
                                         default or "none")
+        # tag and status read every setting (a --config file names them all) but
+        # list only those they use.
+        text = argparse.SUPPRESS if own is not None and opt.name not in own else (
+            "%s [%s]" % (opt.help, shown))
         if opt.parse is parse_bool:
             groups[opt.group].add_argument(opt.flag, dest=opt.name, action="store_const",
-                                           const="1", default=None,
-                                           help="%s [%s]" % (opt.help, shown))
+                                           const="1", default=None, help=text)
         else:
             groups[opt.group].add_argument(opt.flag, dest=opt.name, metavar=opt.metavar,
-                                           default=None, help="%s [%s]" % (opt.help, shown))
+                                           default=None, help=text)
     return parser
+
+
+# The settings tag and status use (the others are accepted, and not listed).
+TOOL_SETTINGS = {
+    "tag": ("listen", "port", "tls", "secret", "secret_file", "config"),
+    "status": ("listen", "port", "tls", "secret", "secret_file", "config"),
+}
+DEFAULT_CONFIG = "/etc/synchook.conf"    # what install.sh writes; the tools read it by default
 
 
 def open_regular(path, nofollow=False):
@@ -4670,6 +4684,18 @@ def access_rule(cfg):
     return "%s%s" % (who, " with the secret" if cfg.secret else ", no secret")
 
 
+def freeze_rule(cfg):
+    """What --freeze will freeze, in words, for the start line."""
+    if not cfg.freeze:
+        return ""
+    points = ", ".join(mount.point for mount in freeze_plan(
+        read_mounts(), cfg.freeze, cfg.freeze_under)[0])
+    if cfg.freeze == "all":
+        return " freeze=all%s (now: %s)" % (" under %s" % cfg.freeze_under if cfg.freeze_under
+                                           else "", points)
+    return " freeze=%s" % points
+
+
 def install_signal_handlers(waker):
     def on_signal(signum, frame):
         log.info("%s received: shutting down", signal.Signals(signum).name)
@@ -4750,10 +4776,11 @@ def cmd_serve(cfg):
     host, port = server.server_address[:2]
     scheme = {"auto": "https+http", "on": "https", "off": "http"}[
         cfg.tls if context is not None else "off"]
-    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s; access: %s",
+    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s%s; access: %s",
              __version__, "[%s]" % host if ":" in host else host, port, scheme, cfg.sync,
              cfg.post_sync, " hold=%r" % cfg.hold if cfg.hold else "",
-             " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "", access_rule(cfg))
+             " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "", freeze_rule(cfg),
+             access_rule(cfg))
     if not cfg.secret and not cfg.allow:
         log.warning("anyone who can reach port %d can run the hooks: set --allow to XO's "
                     "address (and a secret, --secret-file)", port)
@@ -4872,6 +4899,9 @@ def main(argv=None):
     if args is None:
         args = build_serve_parser(prog, command).parse_args(argv)
     parse_only = getattr(args, "parse_only", False)
+    if (command in ("tag", "status", "check") and args.config is None and
+            "SYNCHOOK_CONFIG" not in os.environ and os.path.isfile(DEFAULT_CONFIG)):
+        args.config = DEFAULT_CONFIG        # an installed guest's settings
     try:
         if command == "tag" and args.secret_new:
             # The secret file is about to be written: only its name is needed now.

