@@ -91,7 +91,7 @@ class Rig:
     """A VM's disks as XAPI holds them (image files in a btrfs SR, snapshotted by
     reflink copies) and as the guest sees them (loop devices, ext4, mounted)."""
 
-    def __init__(self, base, disks, disk_mb=384):
+    def __init__(self, base, disks, disk_mb=1024):
         self.base = base
         self.disks = list(disks)
         self.loops = []               # every loop device attached, for close()
@@ -101,7 +101,7 @@ class Rig:
         os.makedirs(self.sr)
         sr_image = os.path.join(base, "sr.img")
         with open(sr_image, "wb") as handle:
-            handle.truncate(8 << 30)                    # sparse: grows with the snapshots
+            handle.truncate(32 << 30)                   # sparse: grows with the snapshots
         run(["mkfs.btrfs", "-q", sr_image], check=True)
         self.mount(self.attach(sr_image), self.sr)
         for disk in self.disks:
@@ -753,22 +753,24 @@ def synchook_args(database, mode):
 
 
 def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), baseline=10.0,
-                    report=None, keep_base=None):
+                    batch=5, report=None, keep_base=None):
     """Snapshots of a database under load, in each mode, interleaved round by round
-    (all of a round's modes in a shuffled order), then each one checked.
+    (all of a round's modes in a shuffled order); every `batch` rounds, the
+    snapshots taken are checked (the load runs on; no snapshot is taken meanwhile)
+    and dropped, which bounds what the SR holds.
 
     Returns (results, rates): results is {mode: [finding per snapshot]}, each finding
     with the snapshot's stall, gap and hook answers; rates is the database's commits
     per second with no snapshot (`baseline` seconds first) and while snapshots were
-    taken.  The checks run after the load has stopped, so that they weigh neither on
+    being taken (the checks' time left out), so that the checks weigh neither on
     the stall nor on the rates."""
     base = keep_base or tempfile.mkdtemp(prefix="synchook-consistency-")
     os.chmod(base, 0o755)
     rig = database = probe = None
     results = {mode: [] for mode in modes}
     hooks = {}
-    taken = []
     rates = {}
+    number = 0
     try:
         rig = Rig(base, DATABASES[kind].disks)
         database = DATABASES[kind](rig, base)
@@ -782,39 +784,33 @@ def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), 
         began, before = time.monotonic(), database.commits()
         time.sleep(baseline)
         rates["without snapshots"] = (database.commits() - before) / (time.monotonic() - began)
-        began, before = time.monotonic(), database.commits()
-        for _ in range(snapshots):
-            order = list(modes)
-            random.shuffle(order)
-            for mode in order:
-                time.sleep(random.uniform(*settle))
-                number = len(taken) + 1
-                gap = random.uniform(*gaps)
-                argv = rig.snapshot_argv(number, database.order)
-                probe.take()
-                xo = xo_snapshot(hooks[mode].port if hooks[mode] else None, argv,
-                                 [int(gap * 1000)] * (len(argv) - 1))
-                taken.append({"number": number, "mode": mode, "gap": gap,
-                              "stall": probe.take(),
-                              "hooks": [(r["url"].split("?")[0].rsplit("/", 1)[-1], r["status"])
-                                        for r in xo["requests"]]})
-        rates["while snapshots are taken"] = ((database.commits() - before) /
-                                              (time.monotonic() - began))
-        probe.stop()
-        probe = None
-        database.stop_load()
-        for snapshot in taken:
-            points, finding = rig.check_copy(snapshot["number"])
-            try:
-                finding.update(database.check(points))
-            finally:
-                rig.drop_copy()
-                rig.drop_snapshot(snapshot["number"])
-            finding["problems"] = finding["problems"] + finding["fsck_errors"]
-            finding.update(snapshot, consistent=not finding["problems"])
-            results[snapshot["mode"]].append(finding)
-            if report is not None:
-                report(finding)
+        spent, committed = 0.0, 0
+        for first in range(0, snapshots, batch):
+            taken = []
+            began, before = time.monotonic(), database.commits()
+            for _ in range(min(batch, snapshots - first)):
+                order = list(modes)
+                random.shuffle(order)
+                for mode in order:
+                    time.sleep(random.uniform(*settle))
+                    number += 1
+                    gap = random.uniform(*gaps)
+                    argv = rig.snapshot_argv(number, database.order)
+                    probe.take()
+                    xo = xo_snapshot(hooks[mode].port if hooks[mode] else None, argv,
+                                     [int(gap * 1000)] * (len(argv) - 1))
+                    taken.append({"number": number, "mode": mode, "gap": gap,
+                                  "stall": probe.take(),
+                                  "hooks": [(r["url"].split("?")[0].rsplit("/", 1)[-1],
+                                             r["status"]) for r in xo["requests"]]})
+            spent += time.monotonic() - began
+            committed += database.commits() - before
+            for snapshot in taken:
+                finding = check_snapshot(rig, database, snapshot)
+                results[snapshot["mode"]].append(finding)
+                if report is not None:
+                    report(finding)
+        rates["while snapshots are taken"] = committed / spent if spent else 0.0
         return results, rates
     finally:
         if probe is not None:
@@ -828,3 +824,16 @@ def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), 
             rig.close()
         if keep_base is None:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def check_snapshot(rig, database, snapshot):
+    """Check one snapshot on a copy, then drop it: the finding."""
+    points, finding = rig.check_copy(snapshot["number"])
+    try:
+        finding.update(database.check(points))
+    finally:
+        rig.drop_copy()
+        rig.drop_snapshot(snapshot["number"])
+    finding["problems"] = finding["problems"] + finding["fsck_errors"]
+    finding.update(snapshot, consistent=not finding["problems"])
+    return finding
