@@ -51,6 +51,7 @@ PID_FILE=/run/synchook.pid
 START_LOG=/run/synchook.start   # the daemon's stderr under SysV and rc.local: its start-up lines
 FILE_LOG=/var/log/synchook.log  # where --syslog writes when there is no syslog socket
 LOGROTATE_FILE=/etc/logrotate.d/synchook
+FIREWALL_UNDO=/etc/synchook.firewall   # what --open-firewall opened, to close at --uninstall
 RUNTIME_DIR=/run/synchook
 ANSWER_WAIT=20                  # seconds a started service has to answer on its port
 # Where a Python 3 may be inside an image (--root), first found wins.
@@ -1007,30 +1008,98 @@ SUMMARY
 open_firewall() {
     fw_port=$(effective port)
     fw_port=${fw_port:-1727}
+    # --allow's addresses, where the firewall can take them: the port is opened to
+    # XO alone, not to everyone; IPv6 too.
+    fw_sources=$(effective allow | tr ',' ' ')
     if [ -n "$ROOT" ]; then
         warn "--open-firewall: not done in an image (--root); open port $fw_port/tcp in the image's firewall configuration"
-    elif have firewall-cmd && firewall-cmd --state >/dev/null 2>&1; then
-        if ! run firewall-cmd --permanent --add-port="$fw_port/tcp" >/dev/null \
-                || ! run firewall-cmd --reload >/dev/null; then
-            fatal "firewall-cmd could not open port $fw_port/tcp"
+        return 0
+    fi
+    : >"$WORK/firewall-undo"
+    if have firewall-cmd && firewall-cmd --state >/dev/null 2>&1; then
+        if [ -z "$fw_sources" ]; then
+            fw_open firewalld "firewall-cmd --permanent --add-port=$fw_port/tcp" \
+                "firewall-cmd --permanent --remove-port=$fw_port/tcp"
         fi
-        info "firewalld: port $fw_port/tcp opened (permanent)"
+        for fw_source in $fw_sources; do
+            fw_rule="rule family=$(fw_family "$fw_source") source address=$fw_source port port=$fw_port protocol=tcp accept"
+            fw_open firewalld "firewall-cmd --permanent --add-rich-rule='$fw_rule'" \
+                "firewall-cmd --permanent --remove-rich-rule='$fw_rule'"
+        done
+        run firewall-cmd --reload >/dev/null || fatal "firewall-cmd --reload failed"
+        printf '%s\n' "firewall-cmd --reload" >>"$WORK/firewall-undo"
     elif have ufw && ufw status 2>/dev/null | grep -q '^Status: active'; then
-        run ufw allow "$fw_port/tcp" >/dev/null || fatal "ufw could not open port $fw_port/tcp"
-        info "ufw: port $fw_port/tcp allowed"
-    elif have nft && nft list chain inet filter input >/dev/null 2>&1; then
-        run nft add rule inet filter input tcp dport "$fw_port" accept \
-            || fatal "nft could not open port $fw_port/tcp"
-        warn "nftables: rule added to inet filter input for this boot; add it to /etc/nftables.conf to keep it"
-    elif have iptables && iptables -S INPUT >/dev/null 2>&1; then
-        if ! iptables -C INPUT -p tcp --dport "$fw_port" -j ACCEPT 2>/dev/null; then
-            run iptables -I INPUT -p tcp --dport "$fw_port" -j ACCEPT \
-                || fatal "iptables could not open port $fw_port/tcp"
+        if [ -z "$fw_sources" ]; then
+            fw_open ufw "ufw allow $fw_port/tcp" "ufw delete allow $fw_port/tcp"
         fi
-        warn "iptables: rule added for this boot; save it (iptables-save, netfilter-persistent) to keep it"
+        for fw_source in $fw_sources; do
+            fw_open ufw "ufw allow from $fw_source to any port $fw_port proto tcp" \
+                "ufw delete allow from $fw_source to any port $fw_port proto tcp"
+        done
+    elif have nft && nft list chain inet filter input >/dev/null 2>&1; then
+        # insert, not add: a rule appended after a final drop never matches.
+        if [ -z "$fw_sources" ]; then
+            fw_open nftables "nft insert rule inet filter input tcp dport $fw_port accept comment synchook" ""
+        fi
+        for fw_source in $fw_sources; do
+            fw_open nftables "nft insert rule inet filter input $(fw_nft_family "$fw_source") saddr $fw_source tcp dport $fw_port accept comment synchook" ""
+        done
+        # Removed by its comment: nft deletes rules by handle.
+        printf '%s\n' "nft_delete_synchook_rules" >>"$WORK/firewall-undo"
+        warn "nftables: rules inserted in inet filter input for this boot; add them to /etc/nftables.conf to keep them"
+    elif have iptables && iptables -S INPUT >/dev/null 2>&1; then
+        for fw_source in ${fw_sources:-any}; do
+            fw_tool=iptables
+            [ "$(fw_family "$fw_source")" = ipv6 ] && fw_tool=ip6tables
+            fw_match=""
+            [ "$fw_source" != any ] && fw_match="-s $fw_source "
+            for fw_cmd in $fw_tool $( [ "$fw_source" = any ] && have ip6tables && printf ip6tables); do
+                fw_spec="INPUT -p tcp --dport $fw_port ${fw_match}-j ACCEPT -m comment --comment synchook"
+                if ! eval "$fw_cmd -C $fw_spec" 2>/dev/null; then
+                    fw_open "$fw_cmd" "$fw_cmd -I $fw_spec" "$fw_cmd -D $fw_spec"
+                fi
+            done
+        done
+        warn "iptables: rules added for this boot; save them (iptables-save, netfilter-persistent) to keep them"
     else
         info "--open-firewall: no active firewall found (firewalld, ufw, nftables, iptables): nothing to open"
+        return 0
     fi
+    # What --uninstall runs to close it again.
+    write_file "$ROOT$FIREWALL_UNDO" 0600 <"$WORK/firewall-undo"
+}
+
+# fw_open NAME COMMAND UNDO: run COMMAND (a line of words, quoted for eval), keep UNDO.
+fw_open() {
+    eval "run $2" >/dev/null || fatal "$1 could not open port $fw_port/tcp ($2)"
+    info "$1: $2"
+    [ -n "$3" ] && printf '%s\n' "$3" >>"$WORK/firewall-undo"
+    return 0
+}
+
+fw_family() {
+    case $1 in *:*) printf ipv6 ;; *) printf ipv4 ;; esac
+}
+
+fw_nft_family() {
+    case $1 in *:*) printf ip6 ;; *) printf ip ;; esac
+}
+
+nft_delete_synchook_rules() {
+    nft -a list chain inet filter input 2>/dev/null | sed -n 's/.*comment "synchook".*# handle \([0-9]*\).*/\1/p' \
+        | while read -r nft_handle; do
+            run nft delete rule inet filter input handle "$nft_handle"
+        done
+}
+
+# What --open-firewall opened, closed again (--uninstall).
+close_firewall() {
+    [ -f "$ROOT$FIREWALL_UNDO" ] || return 0
+    while read -r close_line; do
+        [ -n "$close_line" ] && eval "run $close_line" >/dev/null 2>&1 \
+            && info "firewall: $close_line"
+    done <"$ROOT$FIREWALL_UNDO"
+    remove_files "$ROOT$FIREWALL_UNDO"
 }
 
 # --- removing --------------------------------------------------------------
@@ -1125,6 +1194,7 @@ uninstall() {
     done
     [ -z "$ROOT" ] && remove_files "$PID_FILE" "$START_LOG"
     remove_files "$ROOT$LOGROTATE_FILE"
+    close_firewall
     uninstall_done="removed"
     [ "$DRY_RUN" = 1 ] && uninstall_done="would remove (dry run: nothing changed)"
     if [ "$PURGE" = 1 ]; then

@@ -205,6 +205,28 @@ def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(tmp_path
             "firewall-cmd --state", "firewall-cmd --permanent --add-port=%d/tcp" % port,
             "firewall-cmd --reload"]
         assert "XO tag:   xo:notify-on-snapshot=https://127.0.0.1:%d/" % port in out.stdout
+        # --allow: the port opened to XO's addresses alone, IPv4 and IPv6
+        calls.unlink()
+        out = system.run(["dash", INSTALL, "--open-firewall", "--allow",
+                          "127.0.0.1,2001:db8::2"], env=env)
+        assert out.returncode == 0, out.stderr
+        rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
+        assert calls.read_text().splitlines() == [
+            "firewall-cmd --state",
+            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
+            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
+                                                                     port)),
+            "firewall-cmd --reload"]
+        # and --uninstall closes what it opened
+        calls.unlink()
+        out = system.run(["dash", INSTALL, "--uninstall"], env=env)
+        assert out.returncode == 0, out.stderr
+        assert calls.read_text().splitlines() == [
+            "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1",
+                                                                        port)),
+            "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
+                                                                        port)),
+            "firewall-cmd --reload"]
     finally:
         system.run(["dash", INSTALL, "--purge"], env=clean_env())
         system.close()
@@ -213,6 +235,6 @@ def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(tmp_path
 def test_firewall_commands_in_readme_name_the_port():
     readme = open(os.path.join(os.path.dirname(SYNCHOOK), "README.md")).read()
     for command in ("firewall-cmd --permanent --add-port=1727/tcp", "ufw allow 1727/tcp",
-                    "nft add rule inet filter input tcp dport 1727 accept",
+                    "nft insert rule inet filter input tcp dport 1727 accept",
                     "iptables -I INPUT -p tcp --dport 1727 -j ACCEPT"):
         assert command in readme
