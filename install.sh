@@ -2,9 +2,12 @@
 # shellcheck shell=dash
 # A download cut short must fail, not succeed having done nothing (cloud-init would
 # record a success): main sets MAIN_DONE as it ends, and this trap, the first command
-# of the file, turns any other end into exit 1.  It also removes the work directory.
+# of the file, turns any other end into exit 1, with one message whether the cut
+# fell between two functions (the shell reads to the end and exits 0) or inside
+# one (a syntax error, exit 2) or inside a word (a command not found, 127); fatal's
+# own exits are not cuts.  It also removes the work directory.
 # shellcheck disable=SC2154
-trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0}" != 1 ] && [ "$exit_status" = 0 ]; then printf "error: install.sh ended before its last line (a cut download?): nothing was done\n" >&2; exit 1; fi' EXIT
+trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0}" != 1 ] && [ "${FATAL:-0}" != 1 ] && { [ "$exit_status" = 0 ] || [ "$exit_status" = 2 ] || [ "$exit_status" = 127 ]; }; then printf "error: install.sh ended before its last line (a cut download?): nothing was done\n" >&2; exit 1; fi' EXIT
 #
 # install.sh: install synchook, the guest agent for Xen Orchestra's VM sync hook,
 # as a service that runs now and after every reboot.
@@ -61,7 +64,7 @@ usr/bin/python3.8 usr/bin/python3.7 usr/bin/python3.6 bin/python3"
 
 info() { printf 'info: %s\n' "$*" >&2; }
 warn() { printf 'warn: %s\n' "$*" >&2; }
-fatal() { printf 'error: %s\n' "$*" >&2; exit 1; }
+fatal() { FATAL=1; printf 'error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
     cat <<'USAGE'
@@ -1217,7 +1220,26 @@ uninstall() {
 
 # --- main ------------------------------------------------------------------
 
+# The line that calls main ends with this word: a download cut anywhere in that line
+# (after "main", say, which would run main without the arguments given to sh -s)
+# drops it, and main then refuses to run.
+END_OF_SCRIPT=--end-of-install.sh
+
 main() {
+    eval "main_last=\${$#}"
+    if [ "$main_last" != "$END_OF_SCRIPT" ]; then
+        printf 'error: install.sh ended before its last line (a cut download?): nothing was done\n' >&2
+        FATAL=1
+        exit 1
+    fi
+    # Drop that last word: the rest are the arguments given.
+    main_count=$#
+    main_index=0
+    for main_arg do
+        [ $main_index = 0 ] && set --
+        main_index=$((main_index + 1))
+        [ $main_index -lt $main_count ] && set -- "$@" "$main_arg"
+    done
     parse_args "$@"
     if [ "$DRY_RUN" != 1 ] && [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
         fatal "run install.sh as root (or with --root DIR to install into a directory)"
@@ -1255,4 +1277,4 @@ main() {
     MAIN_DONE=1
 }
 
-main "$@"
+main "$@" --end-of-install.sh
