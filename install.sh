@@ -498,6 +498,10 @@ with open(os.path.join(work, "synchook.conf"), "w") as out:
     out.write("".join(line + "\n" for line in lines))
 with open(os.path.join(work, "changes"), "w") as out:
     out.write("".join(line + "\n" for line in changes))
+with open(os.path.join(work, "shown"), "w") as out:       # for the summary: no secret
+    out.write(" ".join("%s=%s" % (name[9:].lower().replace("_", "-"),
+                                  "<hidden>" if name == "SYNCHOOK_SECRET" else value)
+                       for name, value in final.items()))
 effective = {o.env: final.get(o.env, o.default) for o in synchook.OPTIONS}
 for name, key in (("port", "SYNCHOOK_PORT"), ("listen", "SYNCHOOK_LISTEN"),
                   ("tls", "SYNCHOOK_TLS"), ("timeout", "SYNCHOOK_TIMEOUT"),
@@ -993,7 +997,8 @@ summary() {
 synchook $summary_what ($VERSION)
   program:  $PROGRAM (Python: $PYTHON)
   config:   $ROOT$CONFIG_FILE (mode 0600; change it, then restart the service)
-  settings: ${summary_changes:-unchanged}
+  settings: $(effective shown)
+  changes:  ${summary_changes:-none}
   freezes:  ${summary_freeze:-nothing (--freeze not set: only your commands run)}
   who may run the hooks: $summary_access
   service:  $INIT${ROOT:+ (in $ROOT, not started)}

@@ -4776,11 +4776,12 @@ def cmd_serve(cfg):
     host, port = server.server_address[:2]
     scheme = {"auto": "https+http", "on": "https", "off": "http"}[
         cfg.tls if context is not None else "off"]
-    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s%s; access: %s",
-             __version__, "[%s]" % host if ":" in host else host, port, scheme, cfg.sync,
-             cfg.post_sync, " hold=%r" % cfg.hold if cfg.hold else "",
+    log.info("synchook %s listening on %s port %d (%s); sync=%r post-sync=%r%s%s%s; "
+             "timeout=%s max-hold=%s; access: %s", __version__,
+             "[%s]" % host if ":" in host else host, port, scheme, cfg.sync, cfg.post_sync,
+             " hold=%r" % cfg.hold if cfg.hold else "",
              " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "", freeze_rule(cfg),
-             access_rule(cfg))
+             seconds(cfg.timeout), seconds(cfg.max_hold), access_rule(cfg))
     if not cfg.secret and not cfg.allow:
         log.warning("anyone who can reach port %d can run the hooks: set --allow to XO's "
                     "address (and a secret, --secret-file)", port)
