@@ -491,10 +491,12 @@ def test_rerun_keeps_settings_not_given_and_reset_forgets(shell, tmp_path):
     assert "SYNCHOOK_SYNC='two'" in conf and "SYNCHOOK_TIMEOUT='9'" in conf
     assert "changes:  changed SYNCHOOK_SYNC, set SYNCHOOK_TIMEOUT" in out.stdout
     assert "settings: sync=two timeout=9 secret-file=/root/synchook.secret" in out.stdout
-    out = install(shell, "--root", str(root), env={"SYNCHOOK_SECRET": "hunter2"})
+    out = install(shell, "--root", str(root), "--unset", "secret-file",
+                  env={"SYNCHOOK_SECRET": "hunter2"})
     assert out.returncode == 0 and "secret=<hidden>" in out.stdout and "hunter2" not in (
-        out.stdout + out.stderr)
-    out = install(shell, "--root", str(root), "--unset", "secret")
+        out.stdout + out.stderr), out.stdout + out.stderr
+    out = install(shell, "--root", str(root), "--unset", "secret", "--secret-file",
+                  "/root/synchook.secret")
     assert out.returncode == 0, out.stderr
     out = install(shell, "--root", str(root), "--reset", "--sync", "three")
     assert out.returncode == 0, out.stderr
