@@ -151,6 +151,14 @@ remove_files() {
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
+# Is pid $1 running?  A zombie is not (kill -0 says it is): waiting for one would
+# wait for whoever must reap it.
+pid_alive() {
+    [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
+    pid_state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
+    [ "$pid_state" != Z ]
+}
+
 # A short pause; POSIX sleep takes whole seconds, most take fractions.
 nap() { sleep 0.5 2>/dev/null || sleep 1; }
 
@@ -883,10 +891,10 @@ start_service() {
 }
 
 stop_rc_local() {
-    if [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+    if [ -f "$PID_FILE" ] && pid_alive "$(cat "$PID_FILE")"; then
         run kill -TERM "$(cat "$PID_FILE")"
         stop_waited=0
-        while [ "$DRY_RUN" != 1 ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null \
+        while [ "$DRY_RUN" != 1 ] && pid_alive "$(cat "$PID_FILE")" \
                 && [ $stop_waited -lt 300 ]; do
             nap; stop_waited=$((stop_waited + 1))
         done

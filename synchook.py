@@ -4831,6 +4831,14 @@ def cmd_recover(argv):
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
         signal.signal(sig, carry_on)
     prepare_for_commands()
+    try:
+        return recover_runtime_dir(runtime_dir)
+    finally:
+        log.release()
+
+
+def recover_runtime_dir(runtime_dir):
+    """cmd_recover's work, under the runtime dir's lock: its exit code."""
     if not os.path.lexists(runtime_dir):
         log.info("recover: %s does not exist: no window is owed", runtime_dir)
         return 0
@@ -4843,17 +4851,16 @@ def cmd_recover(argv):
     cfg.hook_words = ["sync", "post-sync"]
     cfg.timeout = None                   # the marker's
     window = SyncWindow(Phases(cfg), XO_TIMEOUT, runtime_dir)
-    try:
-        if not window.recover("recover", settings=False):
-            log.info("recover: no window is owed (%s)", window.marker)
-            return 0
-        if not window.retry_owed("recover", RECOVER_RETRY):
-            log.error("recover: the post phase is still owed (%s): the next start runs it "
-                      "(marker %s)", window.owed, window.marker)
-            return 1
+    if not window.recover("recover", settings=False):
+        if os.path.lexists(window.marker):
+            return 1                     # an older synchook's marker: the next start's
+        log.info("recover: no window is owed (%s)", window.marker)
         return 0
-    finally:
-        log.release()
+    if not window.retry_owed("recover", RECOVER_RETRY):
+        log.error("recover: the post phase is still owed (%s): the next start runs it "
+                  "(marker %s)", window.owed, window.marker)
+        return 1
+    return 0
 
 
 def reopen_standard_fds():
