@@ -24,6 +24,7 @@ def secret_file(tmp_path, value):
 
 def synchook_cmd(*args, **kwargs):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCHOOK_")}
+    env["SYNCHOOK_CONFIG"] = ""        # never this machine's /etc/synchook.conf
     env.update(kwargs.pop("env", {}))
     return run([sys.executable, SYNCHOOK] + list(args), env=env, **kwargs)
 

@@ -260,6 +260,7 @@ def test_call_bad_usage_exit_2(args):
 
 def check(*args, env=None):
     full = {k: v for k, v in os.environ.items() if not k.startswith("SYNCHOOK_")}
+    full["SYNCHOOK_CONFIG"] = ""       # never this machine's /etc/synchook.conf
     full.update(env or {})
     return run([sys.executable, SYNCHOOK, "check"] + list(args), env=full)
 
@@ -331,3 +332,21 @@ def test_readme_mysql_recipe_with_stand_in(start, rec, tmp_path):
     assert rec.lines() == ["lock", "sync"]          # and still locked
     assert d.get("/post-sync") == (200, "Ok")
     assert rec.lines() == ["lock", "sync", "post", "unlock"]
+
+
+def test_check_no_run_checks_like_a_start_and_runs_nothing(rec, tmp_path):
+    out = check("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--no-run",
+                "--tls", "off", "--port", "0", "--runtime-dir", str(tmp_path / "r"))
+    assert out.returncode == 0 and "all good (no command run)" in out.stdout, out.stdout
+    assert rec.lines() == []
+    out = check("--no-run", "--tls", "off", "--port", "0", "--secret-file",
+                str(tmp_path / "missing"))
+    assert out.returncode == 2 and "--secret-file %s" % (tmp_path / "missing") in out.stderr
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        port = squatter.getsockname()[1]
+        out = check("--no-run", "--tls", "off", "--listen", "127.0.0.1", "--port", str(port),
+                    "--sync", rec.cmd("sync"))
+    assert out.returncode == 1 and "FAIL port %d is already in use" % port in out.stdout
+    assert rec.lines() == []
