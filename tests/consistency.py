@@ -402,8 +402,12 @@ class Postgres:
         amcheck = run(self.client("pg_amcheck", port) + ["--all", "--install-missing",
                                                          "--heapallindexed"])
         if amcheck.returncode:
-            found["problems"].append("pg_amcheck: " + (amcheck.stdout + amcheck.stderr)
-                                     .strip()[-300:])
+            # Its findings: "heap table ..., block N, offset N:" then the detail, indented.
+            lines = (amcheck.stdout + amcheck.stderr).splitlines()
+            details = [line.strip() for line in lines if line.startswith((" ", "\t"))]
+            found["problems"].append("pg_amcheck: %s (%d findings)" % (
+                (details or [line for line in lines if line.strip()] or ["?"])[0],
+                max(1, len(details))))
         sums = self.sql(port, "SELECT (SELECT sum(abalance) FROM pgbench_accounts), "
                               "(SELECT sum(bbalance) FROM pgbench_branches), "
                               "(SELECT sum(tbalance) FROM pgbench_tellers), "
