@@ -261,7 +261,7 @@ def test_truncated_script_installs_nothing(shell, tmp_path):
             [data.rindex(b"main ") + 3, data.rindex(b"main "), data.rindex(b"main ") + 5,
              data.rindex(b"main ") + 10, len(data) - 2])
     before = {}
-    for cut in cuts:
+    for cut in sorted(set(cuts)):
         root = make_root(tmp_path, "x%d" % cut)
         before[cut] = tree(root)
         proc = subprocess.run(shell + ["-s", "--", "--root", str(root), "--from", SYNCHOOK,
