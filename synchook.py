@@ -2205,6 +2205,11 @@ def thaw_mount(mount):
     fd, why = open_mount(mount)
     if fd is None:
         return "cannot open: %s" % why
+    return thaw_fd(fd)
+
+
+def thaw_fd(fd):
+    """FITHAW on fd, which it closes: "thawed", "not frozen" or why not."""
     try:
         fcntl.ioctl(fd, FITHAW, 0)
         return "thawed"
@@ -2250,14 +2255,7 @@ def thaw_paths(points):
         except OSError as err:
             outcomes.append((point, "cannot open: %s" % err.strerror))
             continue
-        try:
-            fcntl.ioctl(fd, FITHAW, 0)
-            outcomes.append((point, "thawed"))
-        except OSError as err:
-            outcomes.append((point, "not frozen" if err.errno == errno.EINVAL else
-                             "cannot thaw: %s" % err.strerror))
-        finally:
-            os.close(fd)
+        outcomes.append((point, thaw_fd(fd)))
     return outcomes
 
 
@@ -4634,6 +4632,11 @@ def cmd_check(cfg, run_phases=True):
                % (", ".join(mount.point for mount in plan) or "nothing"))
         for point, why in skipped:
             print("--   --freeze would skip %s: %s" % (point, why))
+        if os.path.isdir(cfg.runtime_dir):
+            try:
+                check_runtime_dir_stays_writable(cfg)
+            except ConfigError as err:
+                report(False, str(err))
     if not run_phases:
         print("all good (no command run)" if not problems else "%d problem(s)" % len(problems))
         return 0 if not problems else 1

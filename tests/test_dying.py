@@ -78,6 +78,7 @@ def test_guardian_lost_while_serving_is_started_again(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
     first = d.guardian_pid()
     os.kill(first, signal.SIGKILL)
+    assert wait_until(lambda: open("/proc/%d/stat" % first).read().split(") ")[1][0] == "Z", 5)
     assert d.get("/sync") == (200, "Ok")
     d.wait_log(r"the guardian \(process %d\) is gone \(command killed by signal 9\): "
                r"starting a new one" % first)
