@@ -46,7 +46,7 @@ trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0
 DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under timeout max-hold listen port tls
 tls-cert tls-key secret secret-file allow header-timeout max-connections runtime-dir state-dir
 log-level"
-INSTALLER_VERSION="1.3.0"      # the synchook release this install.sh comes with
+INSTALLER_VERSION="1.4.0"      # the synchook release this install.sh comes with
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
 CONFIG_FILE=/etc/synchook.conf
 SERVICE=synchook
@@ -1219,7 +1219,8 @@ uninstall() {
         run rm -rf "$ROOT$CONFIG_FILE" "$ROOT$uninstall_state"
         remove_files "$ROOT$FILE_LOG"
         if [ -z "$ROOT" ] && [ -d "$RUNTIME_DIR" ]; then
-            if [ -e "$RUNTIME_DIR/window.json" ]; then
+            # An empty marker is no window (synchook keeps it between windows).
+            if [ -s "$RUNTIME_DIR/window.json" ] || [ -L "$RUNTIME_DIR/window.json" ]; then
                 warn "kept $RUNTIME_DIR: it holds a window's marker (a post phase still owed: synchook recover --runtime-dir $RUNTIME_DIR)"
             else
                 run rm -rf "$RUNTIME_DIR"

@@ -76,7 +76,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -125,6 +125,8 @@ SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
 MARKER_FILE = "window.json"        # inside --runtime-dir while a window is open
+ENV_CACHE = 16                     # commands' environments kept (Phases.env)
+MARKER_MAX = 65536                 # what is read of it (a few hundred bytes in practice)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CLOCK_BOOTTIME = 7                 # Linux's clock id (time.CLOCK_BOOTTIME is 3.7+)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")   # the unit of a start time in /proc/PID/stat
@@ -205,6 +207,7 @@ class Log:
         self.resume = threading.Event()     # set whenever not held
         self.resume.set()
         self.writing = threading.Lock()     # held by the writer during a file write
+        self.local = threading.local()      # .deferred: see defer()
 
     def start(self, level="info", syslog=False, held=False):
         """Start the writer.  With syslog, lines also go to stderr until serving()
@@ -274,19 +277,40 @@ class Log:
                 self._emit(*line)
 
     def _emit(self, level, msg, args):
+        # The line is formatted by the writer, not on a request's way.  Its
+        # arguments are strings and numbers (or exceptions, made strings alike
+        # now or later), so nothing they say changes before it is written.
         if level < self.level:
             return
-        item = (level, time.time(), escape(msg % args if args else msg))
+        item = (level, time.time(), msg, args)
         if self.thread is None:          # before start(): plain synchronous write
-            self.sink.write([item])
+            self.sink.write([render(item)])
             return
         if len(self.pending) >= LOG_QUEUE:
             self.dropped += 1
             return
         self.pending.append(item)
-        if self.sleeping:
+        if self.sleeping and not getattr(self.local, "deferred", False):
             self.sleeping = False
             self.wake.release()
+
+    # A request's lines wake the writer once its answer is sent (or its thread
+    # is about to wait on a command): a writer woken mid-request takes the
+    # interpreter lock from the request at its next system call, and the answer
+    # waits for it.
+    def defer(self):
+        """This thread's lines wait for wake_writer(), or end_defer()."""
+        self.local.deferred = True
+
+    def wake_writer(self):
+        """Let the writer write what is pending (this thread is about to wait)."""
+        if self.sleeping and self.pending:
+            self.sleeping = False
+            self.wake.release()
+
+    def end_defer(self):
+        self.local.deferred = False
+        self.wake_writer()
 
     def _write_loop(self):
         # Nothing may end this thread: a log that stops is worse than a lost line.
@@ -326,7 +350,7 @@ class Log:
         """Write what is pending now; True if there was something."""
         batch = []
         while self.pending:
-            batch.append(self.pending.popleft())
+            batch.append(render(self.pending.popleft()))
         if self.dropped != self.reported_dropped:
             lost = self.dropped - self.reported_dropped
             if self.sink.write([(30, time.time(), "%d log lines dropped (log output was "
@@ -356,6 +380,16 @@ class Log:
         self.wake.release()
         self.resume.set()
         self.thread.join(timeout)
+
+
+def render(item):
+    """A queued line (level, time, msg, args) as the sinks take it: (level, time, text)."""
+    level, when, msg, args = item
+    try:
+        text = msg % args if args else msg
+    except (TypeError, ValueError):      # a bad format must not lose the line
+        text = "%s %r" % (msg, args)
+    return level, when, escape(text)
 
 
 class NoiseFilter:
@@ -1582,6 +1616,7 @@ def wait_ready(readers, timeout, writers=()):
     for obj in writers:
         poller.register(obj, select.POLLOUT)
     millis = int(max(0.0, timeout) * 1000 + 0.999)
+    log.wake_writer()                # this thread waits: the writer's turn (Log.defer)
     try:
         return {fd for fd, _ in poller.poll(millis)}
     except InterruptedError:         # a signal: the caller's loop looks again
@@ -1846,13 +1881,23 @@ class Phases:
         # bytes exec() takes (os.environ would decode it, spawning encode it).
         self.base_env = dict(os.environb)
         self.base_env.pop(b"SYNCHOOK_SECRET", None)
+        self.envs = {}                    # made once per (phase, client, sync result)
 
     def env(self, phase, client, sync_result=None):
         """A command's environment: synchook's own, less the secret, plus the
         phase, the client and, in the post phase, how the sync phase went
         (ok, failed, none: no window was open, unknown: a recovery), as
-        VMware tells its post-thaw scripts about a freeze that failed."""
-        env = dict(self.base_env)
+        VMware tells its post-thaw scripts about a freeze that failed.
+        The same few are asked for again and again (copying the environment
+        took ten microseconds of each /sync): kept, ENV_CACHE at most.  A
+        command gets the mapping itself, which nothing changes."""
+        key = (phase, client, sync_result)
+        env = self.envs.get(key)
+        if env is not None:
+            return env
+        if len(self.envs) >= ENV_CACHE:
+            self.envs.clear()
+        env = self.envs[key] = dict(self.base_env)
         env[b"SYNCHOOK_PHASE"] = phase.encode()
         env[b"SYNCHOOK_CLIENT"] = client.encode()
         if sync_result is not None:
@@ -1910,7 +1955,7 @@ class Phases:
         Returns (results, rest): rest is what is still owed, beginning with
         the step that could not start ([] when every step started).
         """
-        env = self.env("post-sync", client, sync_result)
+        env = None                        # made at the first command: after the thaw
         results = []
         for index, (label, argv) in enumerate(plan):
             try:
@@ -1921,6 +1966,8 @@ class Phases:
                 elif argv is None:
                     result = self.hold.end() if self.hold else None
                 else:
+                    if env is None:
+                        env = self.env("post-sync", client, sync_result)
                     result = run_command(argv, label, env, self.cfg.timeout, None, on_start)
             except Exception as err:       # noqa: BLE001 (a bug must not cost the thaw)
                 log.error("%s: internal error: %r", label, err)
@@ -2280,6 +2327,7 @@ class SyncWindow:
         self.max_hold = max_hold
         self.guardian = guardian       # releases the window if this process dies
         self.marker = os.path.join(runtime_dir, MARKER_FILE)
+        self.marker_fd = None          # the marker's, from its creation (add_to_marker)
         self.cond = threading.Condition()
         self.waiting = collections.deque()
         self.busy = False
@@ -2288,15 +2336,15 @@ class SyncWindow:
         self.syncing = False
         self.stopped = False
         self.released_by_watchdog = False
-        self.opened_at = None          # wall clock, for /status
-        self.opened_iso = None         # the same, as the marker writes it
+        self.opened_at = None          # wall clock, for /status and the marker
+        self.marker_template = (None, "")   # (post plan, the marker's fixed fields as JSON)
         self.pid = os.getpid()
         self.opened_mono = None        # monotonic, for the window's ceiling
         self.opened_by = None
         self.deadline = None           # monotonic; set once the sync phase ended
         self.window_answer = None      # what this window's /sync answered
         self.groups = []               # process groups started for this window
-        self.watchdog_told = False     # woken since the window opened (see _track)
+        self.watchdog_stale = False    # a deadline it has not seen yet (see settle)
         self.freezing = []             # mount points --freeze is about to freeze
         self.freeze_ids = []           # the same, by identity (device, mount id)
         self.plan = []                 # the post phase's steps, fixed when the window opens
@@ -2323,6 +2371,7 @@ class SyncWindow:
                 self.waiting.appendleft(me)
             else:
                 self.waiting.append(me)
+        log.wake_writer()                  # this thread waits: the writer's turn
         me.acquire()                       # released by _give_turn: the turn is ours
 
     def _give_turn(self):
@@ -2348,7 +2397,7 @@ class SyncWindow:
                     deadline = min(time.monotonic() + self.max_hold,
                                    self.opened_mono + 2 * self.max_hold)
                     if self.deadline is None or deadline < self.deadline:
-                        self.cond.notify_all()   # else the watchdog wakes in time anyway
+                        self.watchdog_stale = True   # else it wakes in time anyway
                     self.deadline = deadline
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
@@ -2364,8 +2413,7 @@ class SyncWindow:
                 with self.cond:
                     self.syncing = False
                     self.deadline = time.monotonic() + self.max_hold
-                    if not self.watchdog_told:    # else it looks again in time
-                        self.cond.notify_all()
+                    self.watchdog_stale = True
             self.window_answer = phase_answer(steps)
             self._record("sync", steps)
             return self.window_answer
@@ -2430,13 +2478,11 @@ class SyncWindow:
             self.cancel.clear()
             self.released_by_watchdog = False
             self.opened_at = time.time()
-            self.opened_iso = iso(self.opened_at)
             self.opened_mono = time.monotonic()
             self.opened_by = client
             self.deadline = None
             self.groups, self.freezing, self.freeze_ids = [], [], []
             self.post_rest, self.post_results, self.post_done = None, [], []
-            self.watchdog_told = False
         # No file is written from here to the window's close: a sync step may
         # freeze any filesystem, the one under the log included.
         log.hold()
@@ -2483,13 +2529,24 @@ class SyncWindow:
             self.post_rest, self.post_results, self.post_done = None, [], []
             self.owed, self.tries, self.groups, self.freezing = None, 0, [], []
             self.freeze_ids = []
-            self.cond.notify_all()
-        self.remove_marker()
+            self.watchdog_stale = True
+        self.end_marker()
         self._record("post-sync", steps)
         status, text = phase_answer(steps)
         log.info("window closed (%s): %s", why, text)
         log.release()
         return status, text
+
+    def settle(self):
+        """Tell the watchdog of a deadline it has not seen: called once a
+        request's answer is sent (a watchdog woken before would take the
+        interpreter lock from the answer), and by the watchdog itself.  A
+        deadline set while it waits for none is late by no more than the
+        answer's own write."""
+        if self.watchdog_stale:
+            with self.cond:
+                self.watchdog_stale = False
+                self.cond.notify_all()
 
     def _record(self, phase, steps):
         with self.cond:
@@ -2500,14 +2557,7 @@ class SyncWindow:
         """Note a process group started for this window, so that a restart
         after a crash can end it before running the post phase."""
         self.groups.append({"pgid": proc.pid, "start": list(proc.start_ticks)})
-        self.write_marker()
-        with self.cond:
-            # Wake the watchdog now, while the command runs, rather than when
-            # the sync phase ends: the thread it wakes then competes with the
-            # answer for the interpreter.  It looks again every max-hold.
-            if not self.watchdog_told:
-                self.watchdog_told = True
-                self.cond.notify_all()
+        self.add_to_marker({"groups": self.groups})
 
     def _announce_freeze(self, mounts):
         """Before --freeze freezes anything: the marker names what may be frozen,
@@ -2515,27 +2565,71 @@ class SyncWindow:
         (nothing is written after)."""
         self.freezing = [mount.point for mount in mounts]
         self.freeze_ids = [mount_identity(mount) for mount in mounts]
-        self.write_marker()
+        self.add_to_marker({"frozen": self.freezing, "freeze": self.freeze_ids})
+
+    # The marker is one JSON object per line: the window as it opened, then what
+    # the sync phase added (its process groups, what it may freeze), each line
+    # overriding the fields it names.  A window is open while the marker is not
+    # empty.  The file itself stays, empty between windows, with a descriptor
+    # kept on it: a window's opening is one write(), each addition another, its
+    # close one ftruncate().  Creating the file, rewriting it whole (a new file
+    # and a rename) and unlinking it took some forty microseconds from each
+    # window.  A write of one line cannot be torn by a crash into an empty file
+    # (it is one system call, within a page); a torn last line is ignored: the
+    # line before it still names the window.
+    def prepare_marker(self):
+        """At start, once recovery is done: the empty marker, created if need
+        be, and kept open.  Not kept (the marker is made at each window
+        instead) if it is not an empty regular file of ours."""
+        self.close_marker()
+        try:
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            log.debug("window marker %s not kept open: %s", self.marker, err.strerror)
+            return
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_size or st.st_uid != os.geteuid() or
+                st.st_mode & 0o077):
+            os.close(fd)
+            log.debug("window marker %s not kept open: not an empty private file", self.marker)
+            return
+        self.marker_fd = fd
 
     def write_marker(self, new=False):
-        """Write the marker: created in place when the window opens (new=True),
-        replaced whole afterwards.  An empty or torn marker still means "open",
-        and a new one has nothing to lose yet; once it names process groups, a
-        replaced one is never seen half written."""
+        """Write the marker whole: created in place when the window opens
+        (new=True, keeping a descriptor to add lines to), replaced whole
+        afterwards.  An empty or torn marker still means "open", and a new one
+        has nothing to lose yet; once it names process groups, a replaced one
+        is never seen half written."""
         # Everything a recovery needs is here, the post phase's own steps
         # included: the guardian runs it without reading any setting, and a
         # restart with changed settings still closes the window it inherited
         # the way that window was opened.
-        data = json.dumps({"pid": self.pid, "opened_at": self.opened_iso,
-                           "client": self.opened_by, "boot_id": boot_id(),
-                           "groups": self.groups, "frozen": self.freezing,
-                           "freeze": self.freeze_ids, "post_plan": self.plan,
-                           "timeout": self.phases.cfg.timeout,
-                           "post_done": self.post_done}).encode() + b"\n"
+        # opened_at: seconds since the epoch (formatted when read: the local
+        # time's formatting costs a stat of /etc/localtime on every call).
+        if new:
+            data = self.new_marker()
+        else:
+            data = json.dumps({"pid": self.pid, "opened_at": self.opened_at,
+                               "client": self.opened_by, "boot_id": boot_id(),
+                               "groups": self.groups, "frozen": self.freezing,
+                               "freeze": self.freeze_ids, "post_plan": self.plan,
+                               "timeout": self.phases.cfg.timeout,
+                               "post_done": self.post_done}).encode() + b"\n"
+        if new and self.marker_fd is not None:
+            try:
+                write_all(self.marker_fd, data)     # into the empty marker
+                return
+            except OSError as err:
+                log.error("cannot write window marker %s: %s; writing it whole", self.marker,
+                          err.strerror)
+                new = False
+        self.close_marker()
         try:
             if new:
                 try:
-                    write_in_new_file(self.marker, data)
+                    self.marker_fd = write_in_new_file(self.marker, data, keep=True)
                     return
                 except FileExistsError:       # left by a failed removal: replaced
                     pass
@@ -2544,7 +2638,50 @@ class SyncWindow:
             log.error("cannot write window marker %s: %s (a crash now would not be "
                       "recovered at restart)", self.marker, err.strerror)
 
+    def new_marker(self):
+        """A new window's marker, what write_marker writes whole, from the
+        fields that change with each window and a template of the others (the
+        same from window to window while the post plan is: JSON made once)."""
+        plan, fixed = self.marker_template
+        if plan != self.plan:
+            fixed = json.dumps({"pid": self.pid, "boot_id": boot_id(), "groups": [],
+                                "frozen": [], "freeze": [], "post_plan": self.plan,
+                                "timeout": self.phases.cfg.timeout, "post_done": []})
+            self.marker_template = (self.plan, fixed)
+        own = json.dumps({"opened_at": self.opened_at, "client": self.opened_by})
+        return (own[:-1] + ", " + fixed[1:]).encode() + b"\n"     # one object
+
+    def add_to_marker(self, fields):
+        """Add a line of fields to the marker (the whole marker again where
+        there is no descriptor to add to)."""
+        if self.marker_fd is None:
+            return self.write_marker()
+        try:
+            write_all(self.marker_fd, json.dumps(fields).encode() + b"\n")
+        except OSError as err:
+            log.error("cannot write window marker %s: %s; writing it whole", self.marker,
+                      err.strerror)
+            self.write_marker()
+
+    def close_marker(self):
+        if self.marker_fd is not None:
+            os.close(self.marker_fd)
+            self.marker_fd = None
+
+    def end_marker(self):
+        """The window is closed: its marker emptied (kept for the next window),
+        or removed where no descriptor on it is kept."""
+        if self.marker_fd is not None:
+            try:
+                os.ftruncate(self.marker_fd, 0)
+                return
+            except OSError as err:
+                log.error("cannot empty window marker %s: %s; removing it", self.marker,
+                          err.strerror)
+        self.remove_marker()
+
     def remove_marker(self):
+        self.close_marker()
         try:
             os.unlink(self.marker)
         except FileNotFoundError:
@@ -2553,7 +2690,8 @@ class SyncWindow:
             log.error("cannot remove window marker %s: %s", self.marker, err.strerror)
 
     def read_marker(self):
-        """The marker's fields, {} if it is torn or unreadable, None if absent."""
+        """The marker's fields, {} if it is torn or unreadable, None if absent
+        or empty (no window open)."""
         try:
             fd = open_regular(self.marker, nofollow=True)
         except FileNotFoundError:
@@ -2563,12 +2701,14 @@ class SyncWindow:
                       err.strerror)
             return {}
         try:
-            info = json.loads(os.read(fd, 65536).decode("utf-8"))
-        except (OSError, ValueError):
-            info = None
+            data = os.read(fd, MARKER_MAX)
+        except OSError:
+            data = b"?"                   # unreadable: open, as a torn one
         finally:
             os.close(fd)
-        return info if isinstance(info, dict) else {}
+        if not data:
+            return None
+        return parse_marker(data.decode("utf-8", "replace").splitlines())
 
     # Outside requests -------------------------------------------------------
     def recover(self, who="restart", settings=True):
@@ -2611,7 +2751,6 @@ class SyncWindow:
         with self.cond:
             self.is_open = True
             self.opened_at = time.time()
-            self.opened_iso = iso(self.opened_at)
             self.opened_mono = time.monotonic()
             self.opened_by = who
             self.plan = plan
@@ -2623,6 +2762,7 @@ class SyncWindow:
     def _watch(self):
         while True:
             with self.cond:
+                self.watchdog_stale = False      # it looks now
                 while True:
                     if self.stopped:
                         return
@@ -2681,6 +2821,36 @@ class SyncWindow:
             self._give_turn()
 
 
+def marker_present(path):
+    """Does path say a window is open (a marker not empty, or anything else
+    that is not an empty file)?"""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return not (stat.S_ISREG(st.st_mode) and st.st_size == 0)
+
+
+def parse_marker(lines):
+    """A marker's fields from its lines ({} if its first line is torn): each
+    line's fields override the ones before; a torn line after the first is
+    skipped (a crash in the middle of adding it)."""
+    info = {}
+    for number, line in enumerate(lines):
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            if number == 0:
+                return {}
+            continue
+        info.update(fields)
+    return info
+
+
 def marker_plan(info):
     """The post phase's steps a marker names, as [(label, argv or None)], or
     None if it names none (written by synchook 1.2 or older) or is garbled."""
@@ -2715,8 +2885,15 @@ def thaw_leftover_freeze(info):
 
 
 def marker_field(info, name):
-    """A marker field for the log: the marker is a file, so escaped and cut."""
-    return escape(info.get(name, "?"), 80) if isinstance(info, dict) else "?"
+    """A marker field for the log: the marker is a file, so escaped and cut;
+    a time (opened_at, seconds since the epoch) in ISO 8601."""
+    value = info.get(name, "?") if isinstance(info, dict) else "?"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "opened_at":
+        try:
+            return iso(value)
+        except (ValueError, OverflowError, OSError):
+            return "?"
+    return escape(value, 80)
 
 
 def boot_id(cache=[]):
@@ -2896,7 +3073,7 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
 # safety net down with it.
 GUARDIAN_SCRIPT = """trap '' HUP INT QUIT TERM
 read -r _ || :
-[ -e "$1" ] || [ -L "$1" ] || exit 0
+[ -s "$1" ] || [ -L "$1" ] || exit 0
 shift
 exec "$@"
 """
@@ -3253,6 +3430,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if head is None:
             self.close_connection = True
             return
+        log.defer()                           # this request's lines: after its answer
+        try:
+            self.serve_request(head)
+        finally:
+            log.end_defer()
+            self.server.window.settle()       # the watchdog's turn, after the answer
+
+    def serve_request(self, head):
         self.mark("busy")
         self.started = time.monotonic()
         self.requests += 1
@@ -3661,9 +3846,15 @@ class SyncHookServer(ThreadingHTTPServer):
     def negotiate(self, sock, handler):
         """Returns the socket to speak HTTP on (TLS-wrapped or not), or None."""
         mode = self.cfg.tls if self.tls_context is not None else "off"
+        # The client's first byte is seldom there yet when accept() returns: a
+        # socket timeout waits for it in C (poll, then recv), which by_deadline
+        # would try first, fail (an exception) and wait for in Python.
+        sock.settimeout(max(0.001, handler.deadline - time.monotonic()))
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            raise socket.timeout("no request in time")
         sock.setblocking(False)             # for good: see by_deadline
-        first = by_deadline(sock, handler.deadline, "no request in time", False,
-                            sock.recv, 1, socket.MSG_PEEK)
         if not first:
             return None
         is_tls = first == b"\x16"           # a TLS handshake record
@@ -4027,15 +4218,21 @@ def fd_path(fd, path):
     return proc if os.path.exists(proc) else path
 
 
-def write_in_new_file(path, data):
+def write_in_new_file(path, data, keep=False):
     """Create path (never an existing name, never through a symlink), 0600,
-    holding data: in a private directory, three system calls instead of five."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    holding data: in a private directory, three system calls instead of five.
+    keep=True: returns the descriptor (appending), open."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC |
+                 os.O_APPEND, 0o600)
     try:
         write_all(fd, data)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    if not keep:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_all(fd, data):
@@ -4758,6 +4955,7 @@ def cmd_serve(cfg):
     # certificate read, a log line written to a file) could block on the
     # filesystem the dead run froze.
     window.recover()
+    window.prepare_marker()
     log.release()
     guardian.start()
     window.watchdog.start()              # retries a post phase that could not start
@@ -4798,6 +4996,8 @@ def cmd_serve(cfg):
     served = server.serve()
     notify_systemd("STOPPING=1")
     released = window.shutdown()
+    if released:
+        window.remove_marker()           # the empty one: nothing is left behind
     log.info("stopped" if released else "stopped with the post phase owed")
     return 0 if released and served else 1
 
@@ -4855,7 +5055,7 @@ def recover_runtime_dir(runtime_dir):
     cfg.timeout = None                   # the marker's
     window = SyncWindow(Phases(cfg), XO_TIMEOUT, runtime_dir)
     if not window.recover("recover", settings=False):
-        if os.path.lexists(window.marker):
+        if marker_present(window.marker):
             return 1                     # an older synchook's marker: the next start's
         log.info("recover: no window is owed (%s)", window.marker)
         return 0

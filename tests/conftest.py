@@ -187,6 +187,18 @@ class Daemon:
         self.log_file.close()
 
 
+def read_marker(runtime):
+    """The window marker's fields (one JSON object per line, later lines override)."""
+    with open(os.path.join(str(runtime), "window.json")) as handle:
+        return synchook.parse_marker(handle.read().splitlines())
+
+
+def window_open(runtime):
+    """Does the runtime dir's marker say a window is open?  (It stays, empty,
+    between windows.)"""
+    return synchook.marker_present(os.path.join(str(runtime), "window.json"))
+
+
 def children(pid):
     found = []
     try:

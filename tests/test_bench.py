@@ -11,7 +11,7 @@ def test_bench_runs_and_prints_table_and_targets():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run"), "--idle", "1",
                           "--requests", "20", "--leak-requests", "40", "--crowd", "30",
                           "--concurrent-rounds", "1", "--output-rounds", "1",
-                          "--first-starts", "2"],
+                          "--first-starts", "2", "--freeze-rounds", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          universal_newlines=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -19,12 +19,18 @@ def test_bench_runs_and_prints_table_and_targets():
     header = [l for l in lines if l.startswith("figure")][0]
     assert "synchook" in header
     assert "synchook (source)" in header
+    assert "synchook (info)" in header
     for figure in ("start (ms)", "idle memory (kB RSS)", "GET /sync http p50/p99",
                    "GET /sync https p50/p99", "release p50/p99", "leak after 40 req",
                    "crowd: /sync p50/p99", "100 at once", "200 at once",
                    "output  10 MB: synchook", "output 100 MB: synchook", "first start"):
         assert any(l.startswith(figure) for l in lines), figure
-    assert "targets (issues 6 and 14), as this run measured them:" in lines
-    assert any("idle memory (installed)" in l or "first start <= 150 ms" in l for l in lines)
+    assert "targets (issue 22), as this run measured them:" in lines
+    assert any(l.strip().startswith("first start p95 <= 100 ms") for l in lines)
+    assert any(l.startswith("idle memory installed, CPython 3.") for l in lines)
+    assert (any(l.startswith("freeze and thaw of a loop-mounted ext4") for l in lines) or
+            any(l.startswith("skipped: freeze and thaw against qemu-ga") for l in lines))
+    if any(l.startswith("freeze and thaw of a loop-mounted ext4") for l in lines):
+        assert any("thaw (request to writable) <= qemu-ga's" in l for l in lines)
     for peer in ("node (XO docs)", "webhook"):
         assert peer in header or ("skipped: %s" % peer) in out.stdout

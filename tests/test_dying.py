@@ -20,7 +20,7 @@ import time
 import pytest
 
 from conftest import (SYNCHOOK, assert_frozen, assert_thawed, children, free_port,
-                      interpreters, run, start_writer)
+                      interpreters, run, start_writer, window_open)
 
 
 def wait_until(predicate, timeout, step=0.005):
@@ -54,11 +54,35 @@ def test_sigkill_without_supervisor_runs_the_post_phase_within_2_s(start, rec, p
     assert d.get("/sync") == (200, "Ok")
     took = released_after_kill(d, rec, ["sync", "post"])
     assert took < 2.0, "post phase %.2f s after the SIGKILL" % took
-    assert wait_until(lambda: not os.path.exists(os.path.join(d.runtime, "window.json")), 5)
+    assert wait_until(lambda: not window_open(d.runtime), 5)
     d2 = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off",
                "--runtime-dir", d.runtime, python=python)
     assert "previous run ended" not in d2.log()        # nothing left for the restart
     assert rec.lines() == ["sync", "post"]
+
+
+def test_sigkill_between_windows_the_guardian_runs_nothing(start, rec):
+    """The marker stays, empty, between windows: the guardian reads that as no
+    window, and exits without starting a recovery."""
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
+    assert d.get("/sync") == (200, "Ok")
+    assert d.get("/post-sync") == (200, "Ok")
+    guardian = d.guardian_pid()
+    d.proc.kill()
+    assert d.proc.wait(2) == -signal.SIGKILL
+    assert wait_until(lambda: not os.path.exists("/proc/%d" % guardian) or
+                      synchook_state(guardian) == "Z", 5)
+    time.sleep(0.5)
+    assert rec.lines() == ["sync", "post"]
+    assert "recover" not in d.log()                    # no synchook recover was started
+
+
+def synchook_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 @pytest.mark.parametrize("python", interpreters())

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, assert_frozen, assert_thawed, interpreters, run
+from conftest import SYNCHOOK, assert_frozen, assert_thawed, interpreters, read_marker, run
 
 sys.path.insert(0, os.path.dirname(SYNCHOOK))
 import synchook  # noqa: E402
@@ -78,7 +78,7 @@ def test_sigkill_while_frozen_restart_thaws_first(start, loops, rec):
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"))
     assert d.get("/sync") == (200, "Ok")
-    marker = json.load(open(os.path.join(d.runtime, "window.json")))
+    marker = read_marker(d.runtime)
     assert marker["frozen"] == [a]
     d.kill_all()                                      # the guardian too
     assert_frozen(a)                                  # nobody left to thaw it

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, free_port, run
+from conftest import SYNCHOOK, free_port, read_marker, run, window_open
 
 
 def tgkill(pid, tid, sig):
@@ -114,7 +114,7 @@ def test_post_that_cannot_start_is_owed_retried_and_run_once(tmp_path, rec):
         assert rec.lines() == []
         status, text = get(conn, "/post-sync")
         assert status == 500 and no_null in text and "command not found" not in text
-        assert (runtime / "window.json").exists()
+        assert window_open(runtime)
         state = json.loads(get(conn, "/status")[1])
         assert state["state"] == "open"
         assert state["post_phase_owed"]["reason"] == no_null
@@ -124,9 +124,9 @@ def test_post_that_cannot_start_is_owed_retried_and_run_once(tmp_path, rec):
         os.mknod("/proc/%d/root/dev/null" % proc.pid, 0o666 | 0o020000, os.makedev(1, 3))
         rec.wait_for(["post"], timeout=20)             # retried within 10 s
         deadline = time.monotonic() + 5
-        while (runtime / "window.json").exists() and time.monotonic() < deadline:
+        while window_open(runtime) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not (runtime / "window.json").exists()
+        assert not window_open(runtime)
         assert get(conn, "/post-sync") == (200, "Ok")  # released already: not run again
         assert rec.lines() == ["post"]
         deadline = time.monotonic() + 5
@@ -169,14 +169,14 @@ def test_out_of_descriptors_post_is_retried_not_dropped(start, rec):
     try:
         d.wait_log(r"could not start: cannot (open /dev/null|create a pipe): Too many open files")
         assert rec.lines() == ["sync"]
-        assert os.path.exists(os.path.join(d.runtime, "window.json"))
+        assert window_open(d.runtime)
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     rec.wait_for(["sync", "post"], timeout=15)
     time.sleep(0.5)
     assert d.get("/post-sync") == (200, "Ok")
     assert rec.lines() == ["sync", "post"]
-    assert not os.path.exists(os.path.join(d.runtime, "window.json"))
+    assert not window_open(d.runtime)
 
 
 def test_accept_pauses_instead_of_spinning_out_of_descriptors(start, rec):
@@ -276,7 +276,7 @@ def test_crash_mid_sync_restart_ends_the_sync_command_before_the_post(start, rec
     d = start("--sync", sync, "--post-sync", rec.cmd("post"))
     threading.Thread(target=quietly, args=(d.get, "/sync"), daemon=True).start()
     rec.wait_for(["sync-start"])
-    marker = json.load(open(os.path.join(d.runtime, "window.json")))
+    marker = read_marker(d.runtime)
     assert marker["groups"] and marker["groups"][0]["pgid"] > 1
     d.kill_all()                                   # the guardian too: the restart's job
     d2 = start("--sync", sync, "--post-sync", rec.cmd("post"), "--runtime-dir", d.runtime)

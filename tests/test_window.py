@@ -3,10 +3,11 @@
 import json
 import os
 import signal
+import stat
 import threading
 import time
 
-from conftest import run
+from conftest import read_marker, run, window_open
 
 
 def parallel(n, fn):
@@ -113,7 +114,7 @@ def test_sigterm_with_open_window_runs_post_and_exits_0(start, rec):
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
     assert rec.lines() == ["sync", "post"]
-    assert not os.path.exists(os.path.join(d.runtime, "window.json"))
+    assert not window_open(d.runtime)
 
 
 def test_sigint_lets_running_sync_finish_then_releases(start, rec):
@@ -130,26 +131,32 @@ def test_sigint_lets_running_sync_finish_then_releases(start, rec):
 def test_sigkill_then_restart_runs_post_from_marker(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
     assert d.get("/sync") == (200, "Ok")
-    marker = os.path.join(d.runtime, "window.json")
-    assert json.load(open(marker))["client"] == "127.0.0.1"
+    assert read_marker(d.runtime)["client"] == "127.0.0.1"
     d.kill_all()                                      # the guardian too: only a restart is left
     assert rec.lines() == ["sync"]
     d2 = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"),
                "--runtime-dir", d.runtime)
     assert rec.lines() == ["sync", "post"]            # before it served anything
-    assert not os.path.exists(marker)
+    assert not window_open(d.runtime)
     d2.wait_log(r"previous run ended with a window open")
     assert d2.get("/sync") == (200, "Ok")
     assert d2.get("/post-sync") == (200, "Ok")
     assert rec.lines() == ["sync", "post", "sync", "post"]
 
 
-def test_no_marker_when_idle(start, rec):
+def test_marker_empty_when_idle(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    marker = os.path.join(d.runtime, "window.json")
+    assert not window_open(d.runtime)
     assert d.get("/sync")[0] == 200
-    assert os.path.exists(os.path.join(d.runtime, "window.json"))
+    assert window_open(d.runtime)
     assert d.get("/post-sync")[0] == 200
-    assert not os.path.exists(os.path.join(d.runtime, "window.json"))
+    assert not window_open(d.runtime)
+    st = os.lstat(marker)                              # kept, empty, for the next window
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_mode & 0o077 == 0
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    assert not os.path.lexists(marker)                 # a clean stop leaves nothing
 
 
 def test_status_reports_open_window(start):
@@ -196,3 +203,45 @@ def test_sighup_does_not_kill_an_open_window(start, rec):
     assert d.proc.poll() is None
     assert d.get("/post-sync") == (200, "Ok")
     assert rec.lines() == ["sync", "post"]
+
+
+# The marker: one JSON object per line, kept empty between windows ------------------------
+
+def test_empty_marker_at_start_is_no_window(start, rec, tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    (runtime / "window.json").write_text("")         # left by a run that died idle
+    os.chmod(str(runtime / "window.json"), 0o600)
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"),
+              "--runtime-dir", str(runtime))
+    assert d.get("/sync") == (200, "Ok")
+    assert d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["sync", "post"]            # no post phase of its own at start
+    assert "previous run ended" not in d.log()
+
+
+def test_marker_with_a_torn_last_line_is_recovered(start, rec, tmp_path):
+    """A crash while a line is added: the lines before it still name the window."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    with open("/proc/sys/kernel/random/boot_id") as handle:
+        boot = handle.read().strip()
+    first = json.dumps({"pid": 1, "opened_at": 1764500000.5, "client": "192.0.2.7",
+                        "boot_id": boot, "groups": [], "post_plan": [
+                            ["post-sync", ["/bin/sh", "-c", rec.cmd("post")]]],
+                        "timeout": 55, "post_done": []})
+    (runtime / "window.json").write_text(first + '\n{"groups": [{"pgid": 12')
+    os.chmod(str(runtime / "window.json"), 0o600)
+    d = start("--sync", rec.cmd("sync"), "--post-sync", "true", "--runtime-dir", str(runtime))
+    assert rec.lines() == ["post"]                    # the marker's post phase, not today's
+    d.wait_log(r"window opened 20\d\d-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d by 192\.0\.2\.7, process 1")
+    assert not window_open(runtime)
+
+
+def test_marker_lines_override_the_ones_before():
+    import synchook
+    assert synchook.parse_marker(['{"pid": 1, "groups": []}', '{"groups": [5]}',
+                                  '{"frozen": ["/a"]}', '{"gro']) == {
+        "pid": 1, "groups": [5], "frozen": ["/a"]}
+    assert synchook.parse_marker(['{"pid": 1', '{"groups": [5]}']) == {}   # torn first: open
+    assert synchook.parse_marker(["[1]"]) == {}
