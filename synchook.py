@@ -92,6 +92,10 @@ HOLD_GRACE = 2.0                   # a hold command's time to end after stdin cl
 POLL = 0.2                         # slice of a running command's wait loop
 MAX_OUTPUT_LINE = 2000             # bytes of one output line that reach the log
 MAX_OUTPUT_LINES = 1000            # output lines logged per command; more are counted
+# A command's output is read into one buffer of this size, reused: a new 64 KB
+# string per read came from each connection thread's own malloc arena, and 10 MB
+# of output left a megabyte or two more memory behind, for good.
+OUTPUT_CHUNK = 65536
 MAX_REQUEST_LINE = 8192            # bytes in the request line (414 beyond)
 MAX_HEADER_LINE = 8192             # bytes in one header line (431 beyond)
 MAX_HEADERS = 64                   # header lines per request (431 beyond)
@@ -1297,17 +1301,25 @@ class OutputLogger:
         self.lines = 0
         self.suppressed = 0
 
-    def feed(self, chunk):
+    def feed(self, buffer, size=None):
+        """The first size bytes (default: all) of buffer, bytes or a reused
+        bytearray: past the cap, counted where they are, copied nowhere."""
+        if size is None:
+            size = len(buffer)
         if self.lines >= MAX_OUTPUT_LINES and not self.skipping:
             # Past the cap only the count matters: counted in C, not line by line
             # (10 MB of `yes` cost 400 ms of CPU the other way).
-            newlines = chunk.count(b"\n")
+            newlines = buffer.count(b"\n", 0, size)
             if newlines:
                 self.suppressed += newlines
-                self.partial = chunk[chunk.rfind(b"\n") + 1:][:1]
-            elif chunk and not self.partial:
-                self.partial = chunk[:1]
+                last = buffer.rfind(b"\n", 0, size) + 1
+                self.partial = bytes(buffer[last:min(last + 1, size)])
+            elif not self.partial:
+                self.partial = bytes(buffer[:1])
             return
+        self._split(bytes(buffer[:size]))
+
+    def _split(self, chunk):
         pieces = chunk.split(b"\n")
         for piece in pieces[:-1]:
             if not self.skipping:                  # else: the rest of a line logged cut
@@ -1632,6 +1644,7 @@ def follow(proc, fd, deadline, cancel, output, label):
     """
     pidfd = open_pidfd(proc.pid)
     eof = False
+    buffer = None                    # output is read into it (see OUTPUT_CHUNK)
     exited_at = None
     delay = 0.0005                   # polling for the exit, where there is no pidfd
     try:
@@ -1660,9 +1673,11 @@ def follow(proc, fd, deadline, cancel, output, label):
             else:
                 wait = min(wait, POLL)
             if fd in wait_ready(watched, wait) and not eof:
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    output.feed(chunk)
+                if buffer is None:
+                    buffer = bytearray(OUTPUT_CHUNK)
+                size = os.readv(fd, [buffer])
+                if size:
+                    output.feed(buffer, size)
                 else:
                     eof = True
     finally:
