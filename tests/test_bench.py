@@ -34,3 +34,17 @@ def test_bench_runs_and_prints_table_and_targets():
         assert any("thaw (request to writable) <= qemu-ga's" in l for l in lines)
     for peer in ("node (XO docs)", "webhook"):
         assert peer in header or ("skipped: %s" % peer) in out.stdout
+
+
+def test_ab_runs_two_files_side_by_side(tmp_path):
+    before = tmp_path / "before.py"
+    before.write_bytes(open(os.path.join(ROOT, "synchook.py"), "rb").read())
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab"), "--rounds", "20",
+                          str(before), os.path.join(ROOT, "synchook.py")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("20 rounds, interleaved, --log-level warning")
+    assert any(l.strip().startswith("before.py (1)") for l in lines)
+    assert any(l.strip().startswith("synchook.py (2)") for l in lines)
