@@ -128,7 +128,7 @@ SYSLOG_FALLBACK = "/var/log/synchook.log"   # --syslog with no syslog socket at 
 SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
-MARKER_FILE = "window.json"        # inside --runtime-dir while a window is open
+MARKER_FILE = "window.json"        # inside --runtime-dir: not empty while a window is open
 ENV_CACHE = 16                     # commands' environments kept (Phases.env)
 MARKER_MAX = 65536                 # what is read of it (a few hundred bytes in practice)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -2612,11 +2612,12 @@ class SyncWindow:
         self.marker_fd = fd
 
     def write_marker(self, new=False):
-        """Write the marker whole: created in place when the window opens
-        (new=True, keeping a descriptor to add lines to), replaced whole
-        afterwards.  An empty or torn marker still means "open", and a new one
-        has nothing to lose yet; once it names process groups, a replaced one
-        is never seen half written."""
+        """Write the marker whole: into the empty marker kept open, or created
+        in place, when the window opens (new=True: a descriptor is kept to add
+        lines to); replaced whole afterwards.  A torn marker still means
+        "open"; an empty one is no window, and nothing has run before its first
+        line is written.  Once it names process groups, a replaced one is never
+        seen half written."""
         # Everything a recovery needs is here, the post phase's own steps
         # included: the guardian runs it without reading any setting, and a
         # restart with changed settings still closes the window it inherited
@@ -2634,8 +2635,12 @@ class SyncWindow:
                                "post_done": self.post_done}).encode() + b"\n"
         if new and self.marker_fd is not None:
             try:
-                write_all(self.marker_fd, data)     # into the empty marker
-                return
+                # Removed (or replaced) since it was opened, it would name the
+                # window to nobody: then a new one is made.
+                if os.fstat(self.marker_fd).st_nlink:
+                    write_all(self.marker_fd, data)     # into the empty marker
+                    return
+                log.warning("window marker %s was removed: making it again", self.marker)
             except OSError as err:
                 log.error("cannot write window marker %s: %s; writing it whole", self.marker,
                           err.strerror)

@@ -245,3 +245,17 @@ def test_marker_lines_override_the_ones_before():
         "pid": 1, "groups": [5], "frozen": ["/a"]}
     assert synchook.parse_marker(['{"pid": 1', '{"groups": [5]}']) == {}   # torn first: open
     assert synchook.parse_marker(["[1]"]) == {}
+
+
+def test_marker_removed_between_windows_is_made_again(start, rec):
+    """Someone cleans the runtime dir: the next window's marker is not written to
+    the removed file, where no guardian or restart would find it."""
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/sync") == (200, "Ok") and d.get("/post-sync") == (200, "Ok")
+    os.unlink(os.path.join(d.runtime, "window.json"))
+    assert d.get("/sync") == (200, "Ok")
+    assert window_open(d.runtime)
+    assert read_marker(d.runtime)["client"] == "127.0.0.1"
+    d.wait_log(r"window marker .* was removed: making it again")
+    assert d.get("/post-sync") == (200, "Ok")
+    assert not window_open(d.runtime)
