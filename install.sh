@@ -36,17 +36,19 @@ trap 'exit_status=$?; [ -n "${WORK:-}" ] && rm -rf "$WORK"; if [ "${MAIN_DONE:-0
 #   --purge                SYNCHOOK_PURGE=1     --uninstall, plus config and state
 # and every daemon setting, written to /etc/synchook.conf:
 #   --sync CMD             SYNCHOOK_SYNC           and so on for --post-sync,
-#   --hold, --hooks-dir, --hook-words, --freeze, --freeze-under, --timeout, --max-hold, --listen,
+#   --hold, --hooks-dir, --hook-words, --freeze, --freeze-under,
+#   --skip-freeze-on-failure (1 or 0), --timeout, --max-hold, --listen,
 #   --port, --tls, --tls-cert,
 #   --tls-key, --secret, --secret-file, --allow, --header-timeout,
 #   --max-connections, --runtime-dir, --state-dir, --log-level
 #   (SYNCHOOK_<NAME IN CAPITALS>).
 
 # Daemon settings install.sh writes to the config (tests check this matches synchook.py).
-DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under timeout max-hold listen port tls
+DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under skip-freeze-on-failure
+timeout max-hold listen port tls
 tls-cert tls-key secret secret-file allow header-timeout max-connections runtime-dir state-dir
 log-level"
-INSTALLER_VERSION="1.4.0"      # the synchook release this install.sh comes with
+INSTALLER_VERSION="1.5.0"      # the synchook release this install.sh comes with
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
 CONFIG_FILE=/etc/synchook.conf
 SERVICE=synchook
@@ -97,7 +99,7 @@ Daemon settings (written to /etc/synchook.conf, mode 0600; a setting not given k
 the value it had, --reset forgets them all; the new program checks them first):
   --sync CMD  --post-sync CMD  --hold CMD  --hooks-dir DIR  --hook-words SYNC,POST
   --freeze all|MOUNT,...
-  --freeze-under DIR  --timeout SEC
+  --freeze-under DIR  --skip-freeze-on-failure 1|0  --timeout SEC
   --max-hold SEC  --listen ADDR  --port N  --tls auto|on|off  --tls-cert PATH
   --tls-key PATH  --secret S  --secret-file PATH  --allow LIST
   --header-timeout SEC  --max-connections N  --runtime-dir DIR  --state-dir DIR
@@ -659,16 +661,18 @@ RestartSec=2
 # a window synchook could not, should synchook be killed) must outlive it.
 TimeoutStopSec=$(stop_wait)
 KillMode=process
-# The OOM killer's last choice (synchook lowers its own score too; its commands
-# keep the score they would have had).
-OOMScoreAdjust=-900
-# Hardening that leaves the real mounts visible: hooks run fsfreeze, which needs
-# CAP_SYS_ADMIN and the very mounts ProtectSystem, ProtectHome, PrivateTmp,
-# PrivateMounts or PrivateDevices would hide or replace (see fstrim.service).
-# (Not ProtectClock=: it makes the device cgroup an allow-list, and hooks that touch
-# block devices, lvcreate -s or dmsetup suspend, would get EPERM.)
-ProtectKernelTunables=yes
-ProtectControlGroups=yes
+# An OOM kill of one of synchook's commands must not make systemd stop synchook
+# in the middle of a window (the default, OOMPolicy=stop, would release the guest
+# during XO's snapshot without telling XO).
+OOMPolicy=continue
+# No OOMScoreAdjust=: synchook lowers its own score, and its commands must keep
+# the score they would have had (a unit's score is inherited by every command).
+# No setting that gives the unit a mount namespace (ProtectSystem, ProtectHome,
+# ProtectKernelTunables, ProtectControlGroups, PrivateTmp, PrivateDevices,
+# PrivateMounts, ReadOnlyPaths and the like): systemd builds that namespace before
+# it starts synchook, with a mkdir on /, which waits for as long as / is frozen.
+# A restart after a crash during a window with / frozen would never start, and
+# nothing would thaw the guest. qemu-guest-agent's unit has none of them either.
 
 [Install]
 WantedBy=multi-user.target
@@ -744,8 +748,11 @@ start() {
     # a failed start's own error line (a bad setting, a port in use) is shown here.
     "\$PYTHON" -I -S "\$PROGRAM" --config "\$CONFIG" --syslog </dev/null >/dev/null 2>"\$STARTLOG" &
     echo \$! > "\$PIDFILE"
+    # 20 s to listen; longer while it first closes a window a dead run left open
+    # (its post phase may run a command for up to the timeout).
     waited=0
-    while [ \$waited -lt 40 ]; do
+    while [ \$waited -lt 40 ] || { [ \$waited -lt \$((STOP_WAIT * 2)) ] \\
+            && grep -q 'ended with a window open' "\$STARTLOG" 2>/dev/null; }; do
         if ! running; then
             echo "synchook failed to start:"; cat "\$STARTLOG"; rm -f "\$PIDFILE"; return 1
         fi
@@ -755,13 +762,14 @@ start() {
         sleep 0.5 2>/dev/null || sleep 1
         waited=\$((waited + 1))
     done
-    echo "synchook started but is not listening after 20 s:"; cat "\$STARTLOG"; return 1
+    echo "synchook started but is not listening after \$((waited / 2)) s:"; cat "\$STARTLOG"; return 1
 }
 
 stop() {
     if ! running; then echo "synchook is not running"; rm -f "\$PIDFILE"; return 0; fi
     pid=\$(cat "\$PIDFILE")
     kill -TERM "\$pid"
+    kill -CONT "\$pid" 2>/dev/null    # a stopped synchook (^Z, SIGSTOP) gets the TERM too
     waited=0
     while alive "\$pid" && [ \$waited -lt \$STOP_WAIT ]; do
         sleep 1; waited=\$((waited + 1))
@@ -893,6 +901,7 @@ start_service() {
 stop_rc_local() {
     if [ -f "$PID_FILE" ] && pid_alive "$(cat "$PID_FILE")"; then
         run kill -TERM "$(cat "$PID_FILE")"
+        run kill -CONT "$(cat "$PID_FILE")" 2>/dev/null
         stop_waited=0
         while [ "$DRY_RUN" != 1 ] && pid_alive "$(cat "$PID_FILE")" \
                 && [ $stop_waited -lt 300 ]; do
@@ -1219,8 +1228,8 @@ uninstall() {
         run rm -rf "$ROOT$CONFIG_FILE" "$ROOT$uninstall_state"
         remove_files "$ROOT$FILE_LOG"
         if [ -z "$ROOT" ] && [ -d "$RUNTIME_DIR" ]; then
-            # An empty marker is no window (synchook keeps it between windows).
-            if [ -s "$RUNTIME_DIR/window.json" ] || [ -L "$RUNTIME_DIR/window.json" ]; then
+            # A blank first line is no window (synchook keeps the marker between windows).
+            if window_marker_open "$RUNTIME_DIR/window.json"; then
                 warn "kept $RUNTIME_DIR: it holds a window's marker (a post phase still owed: synchook recover --runtime-dir $RUNTIME_DIR)"
             else
                 run rm -rf "$RUNTIME_DIR"
@@ -1230,6 +1239,17 @@ uninstall() {
     else
         info "$uninstall_done synchook (kept $CONFIG_FILE; --purge removes it)"
     fi
+}
+
+# Does synchook's marker say a window is open?  Its first line is not blank (the
+# file stays, closed, between windows), or it is something else than a file.
+window_marker_open() {
+    [ -L "$1" ] && return 0
+    [ -e "$1" ] || return 1
+    [ -f "$1" ] || return 0
+    marker_first=
+    IFS= read -r marker_first <"$1"
+    [ -n "$marker_first" ]
 }
 
 # --- main ------------------------------------------------------------------

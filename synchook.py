@@ -59,6 +59,7 @@ import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -76,7 +77,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.4.0"
+__version__ = "1.5.0"
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -120,17 +121,26 @@ STATUS_ONLY_CONNECTIONS = 4        # connections of loopback clients --allow lea
 LOCK_FILE = "lock"                 # inside --runtime-dir: held by whoever acts on the marker
 LOCK_WAIT = 600.0                  # at start, how long a recovery under way may keep it
 RECOVER_RETRY = 60.0               # a recovery's post phase that cannot start: tried this long
+ROOT_MAX_HOLD = 150.0              # --max-hold's default when / is frozen: under journald's
+                                   # 3-minute watchdog (journald blocks on a frozen /)
 DAEMON_OOM_SCORE = -900            # oom_score_adj: the OOM killer's last choices
 GUARDIAN_OOM_SCORE = -1000         # never: it is a shell, and the safety net
+GUARDIAN_NAME = "window-guardian"  # its $0: nothing that `pkill -f synchook` matches
+GUARDIAN_ENV_PREFIX = b"SYNCHOOK_GUARDIAN_"   # what it needs, by environment, not argv
 SHELL = "/bin/sh"
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FALLBACK = "/var/log/synchook.log"   # --syslog with no syslog socket at start
 SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
-MARKER_FILE = "window.json"        # inside --runtime-dir: not empty while a window is open
+MARKER_FILE = "window.json"        # inside --runtime-dir: its first line names the open window
+SPILL_FILE = "log.held"            # inside --runtime-dir: log lines held while a window is open
+SPILL_MAX = 1 << 20                # bytes of held lines kept there; more are counted as dropped
 ENV_CACHE = 16                     # commands' environments kept (Phases.env)
-MARKER_MAX = 65536                 # what is read of it (a few hundred bytes in practice)
+MARKER_SPACE = 65536               # bytes the marker keeps allocated (see Marker)
+THAW_TRIES = 5                     # a recovery's lookups of a mount whose path moves under it
+GUARDIAN_GRACE = 5.0               # past a window's deadline, the guardian kills a daemon
+                                   # that has not released it (stopped, hung)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CLOCK_BOOTTIME = 7                 # Linux's clock id (time.CLOCK_BOOTTIME is 3.7+)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")   # the unit of a start time in /proc/PID/stat
@@ -182,13 +192,18 @@ class Log:
     The writer sleeps on a semaphore, woken once per burst, and writes a
     burst in one system call.
 
-    A sink that is a file (stderr redirected to one, or the syslog fallback
-    file) is not written at all while held: from the opening of a window to
-    its close, and at start until recovery is done.  A write to a frozen
-    filesystem waits in the kernel, uninterruptibly: a writer thread caught
-    there would keep even a SIGKILLed synchook from dying (and its port and
-    descriptors with it).  As qemu-ga turns its logging off while frozen, the
-    lines wait in the buffer and are written after the thaw.
+    Held: from the opening of a window to its close, and at start until
+    recovery is done.  A sink that is a file (stderr redirected to one, or the
+    syslog fallback file) is not written then: a write to a frozen filesystem
+    waits in the kernel, uninterruptibly, and a writer thread caught there
+    would keep even a SIGKILLed synchook from dying.  As qemu-ga turns its
+    logging off while frozen, the lines wait, and are written after the thaw:
+    in the spill file in the runtime dir (tmpfs) once one is attached, so that
+    they are on record at once and survive a SIGKILL (the guardian's recovery,
+    or the next start, writes them out), else in this buffer.  Lines logged
+    while held carry their own time to a journal or syslog, which may be
+    blocked on the frozen root and stamp them only when the thaw lets it read.
+    The writer thread ends only when the log is closed.
     """
 
     def __init__(self):
@@ -207,7 +222,9 @@ class Log:
         self.thread = None
         self.sink_file = False         # the sink writes to a file: hold() applies
         self.echo_file = False         # so does the start-up echo, until serving()
-        self.held = False
+        self.held = False              # no file is written (lines wait, or are spilled)
+        self.stamping = False          # lines carry their own time (see hold)
+        self.spill = None              # a SpillFile in the runtime dir, once attached
         self.resume = threading.Event()     # set whenever not held
         self.resume.set()
         self.writing = threading.Lock()     # held by the writer during a file write
@@ -231,10 +248,23 @@ class Log:
         if isinstance(self.sink, FileSink):
             self.warning("no syslog socket at %s: logging to %s", SYSLOG_SOCKET, self.sink.path)
 
+    def attach_spill(self, runtime_dir):
+        """Held lines go to a file in the runtime dir from now on (the caller
+        holds the runtime dir's lock).  Lines an earlier run held there and
+        never wrote out are written with this run's, after a line saying so."""
+        spill = SpillFile(os.path.join(runtime_dir, SPILL_FILE))
+        if spill.inherited:
+            spill.write(file_line(30, time.time(), "(the lines above were held by a "
+                                  "synchook that ended before it could write them)"))
+        with self.writing:
+            self.spill = spill
+        self._wake_writer_now()
+
     def hold(self):
         """Write no file from now on, until release(); a file write already
         under way is waited for (1 s at most), so that none is left to meet a
         freeze that follows."""
+        self.stamping = True
         if not (self.sink_file or (self.echo_file and self.echo_until == float("inf"))):
             return
         self.held = True
@@ -243,9 +273,11 @@ class Log:
             self.writing.release()
 
     def release(self):
+        self.stamping = False
         if self.held:
             self.held = False
             self.resume.set()
+            self._wake_writer_now()
 
     def serving(self):
         """Start-up is over: from now on, lines go to the sink alone."""
@@ -262,6 +294,12 @@ class Log:
 
     def error(self, msg, *args):
         self._emit(40, msg, args)
+
+    def alert(self, msg, *args, level=40):
+        """A line about a release at risk: on record at once (to the spill
+        file while held), whatever the request in this thread defers."""
+        self._emit(level, msg, args)
+        self._wake_writer_now()
 
     def noise(self, client, msg, *args, level=20):
         """An info line any client can cause at will (a refused connection, a
@@ -286,7 +324,7 @@ class Log:
         # now or later), so nothing they say changes before it is written.
         if level < self.level:
             return
-        item = (level, time.time(), msg, args)
+        item = (level, time.time(), msg, args, self.stamping)
         if self.thread is None:          # before start(): plain synchronous write
             self.sink.write([render(item)])
             return
@@ -309,6 +347,10 @@ class Log:
     def wake_writer(self):
         """Let the writer write what is pending (this thread is about to wait)."""
         if self.sleeping and self.pending:
+            self._wake_writer_now()
+
+    def _wake_writer_now(self):
+        if self.sleeping:
             self.sleeping = False
             self.wake.release()
 
@@ -317,31 +359,37 @@ class Log:
         self.wake_writer()
 
     def _write_loop(self):
-        # Nothing may end this thread: a log that stops is worse than a lost line.
-        while True:
+        # Nothing but close() may end this thread: a log that stops is worse
+        # than a lost line.
+        while not self.closing:
             try:
-                if self._write_once():
-                    return
+                self._write_once()
             except Exception:              # noqa: BLE001 (counted in /status, carried on)
                 self.failures += 1
                 time.sleep(LOG_COALESCE)   # a fault that repeats must not spin
 
     def _write_once(self):
-        """Write what is pending, or sleep until there is some; True when closed."""
+        """Write what is pending, or sleep until there is some; returns once
+        the log is closing."""
         while True:
-            if self.held:
+            if self.held and self.spill is None:
                 # Lines wait in the buffer (LOG_QUEUE at most; more are counted).
+                # A hold() right after the release() that woke us: wait again.
                 self.resume.wait()
-                if self.held:                  # closing while held: write nothing
-                    return True
+                if self.held and self.closing:     # closing while held: write nothing
+                    return
                 continue
             with self.writing:
                 if self.held:
-                    continue
-                if self._write_pending():
-                    continue
+                    wrote = self._spill_pending()
+                else:
+                    if self.spill is not None and self.spill.size:
+                        self._replay_spill()
+                    wrote = self._write_pending()
+            if wrote:
+                continue
             if self.closing:
-                return True
+                return
             self.sleeping = True
             if not self.pending and not self.closing:   # re-check after raising the flag
                 self.wake.acquire()
@@ -350,16 +398,36 @@ class Log:
                 time.sleep(LOG_COALESCE)
             self.sleeping = False
 
-    def _write_pending(self):
-        """Write what is pending now; True if there was something."""
+    def _take_pending(self):
         batch = []
         while self.pending:
             batch.append(render(self.pending.popleft()))
+        return batch
+
+    def _spill_pending(self):
+        """Held: what is pending goes to the spill file; True if there was some."""
+        batch = self._take_pending()
+        if not batch:
+            return False
+        if not self.spill.write("".join(file_line(*item) for item in batch)):
+            self.dropped += len(batch)
+        return True
+
+    def _replay_spill(self):
+        """Released: what the spill file holds goes to the sink, in order."""
+        data = self.spill.read()
+        if data and not self.sink.write_raw(data):
+            return                       # kept for the next try
+        self.spill.clear()
+
+    def _write_pending(self):
+        """Write what is pending now; True if there was something."""
+        batch = self._take_pending()
         if self.dropped != self.reported_dropped:
             lost = self.dropped - self.reported_dropped
             if self.sink.write([(30, time.time(), "%d log lines dropped (log output was "
                                                   "blocked, or held while a window was open)"
-                                 % lost)]):
+                                 % lost, False)]):
                 self.reported_dropped += lost
         if not batch:
             return False
@@ -387,13 +455,75 @@ class Log:
 
 
 def render(item):
-    """A queued line (level, time, msg, args) as the sinks take it: (level, time, text)."""
-    level, when, msg, args = item
+    """A queued line (level, time, msg, args, stamped) as the sinks take it:
+    (level, time, text, stamped)."""
+    level, when, msg, args, stamped = item
     try:
         text = msg % args if args else msg
     except (TypeError, ValueError):      # a bad format must not lose the line
         text = "%s %r" % (msg, args)
-    return level, when, escape(text)
+    return level, when, escape(text), stamped
+
+
+def file_line(level, when, text, stamped=False):
+    """A line as it is written to a file: its time, its level, its text."""
+    return "%s %s: %s\n" % (iso(when), LEVEL_NAMES[level], text)
+
+
+def own_time(when, stamped):
+    """The line's own time, for a sink that stamps lines when it reads them."""
+    return "[%s] " % iso(when) if stamped else ""
+
+
+class SpillFile:
+    """The held lines' file in the runtime dir (tmpfs, never frozen), at most
+    SPILL_MAX bytes: appended to while held, written out and emptied after.
+    Opened without following a link, and used only if it is a regular file
+    of synchook's user that no one else can read."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+        self.size = 0
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)
+            return
+        self.fd, self.size = fd, st.st_size
+        self.inherited = bool(st.st_size)
+
+    inherited = False
+
+    def write(self, text):
+        if self.fd is None:
+            return False
+        data = text.encode("utf-8", "replace")
+        if self.size + len(data) > SPILL_MAX:
+            return False
+        try:
+            write_all(self.fd, data)
+        except OSError:
+            return False
+        self.size += len(data)
+        return True
+
+    def read(self):
+        try:
+            return os.pread(self.fd, SPILL_MAX, 0) if self.fd is not None else b""
+        except OSError:
+            return b""
+
+    def clear(self):
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass
+        self.size = 0
 
 
 class NoiseFilter:
@@ -478,20 +608,29 @@ class StderrSink:
             return False
         return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
 
-    def line(self, level, when, text):
+    def line(self, level, when, text, stamped=False):
         if self.journal:
-            return "<%d>%s\n" % (JOURNAL_PRIORITY[level], text)
-        return "%s %s: %s\n" % (iso(when), LEVEL_NAMES[level], text)
+            return "<%d>%s%s\n" % (JOURNAL_PRIORITY[level], own_time(when, stamped), text)
+        return file_line(level, when, text)
 
     def write(self, items):
         """Write items in one go; returns how many were written."""
-        data = "".join(self.line(*item) for item in items).encode("utf-8", "replace")
+        return len(items) if self._write_bytes(
+            "".join(self.line(*item) for item in items).encode("utf-8", "replace")) else 0
+
+    def write_raw(self, data):
+        """Lines already made (the spill file's); True if all were written."""
+        if self.journal:                  # the spill's lines (each with its time and level)
+            data = b"".join(b"<6>" + line + b"\n" for line in data.splitlines())
+        return self._write_bytes(data)
+
+    @staticmethod
+    def _write_bytes(data):
         try:
-            while data:
-                data = data[os.write(2, data):]
-            return len(items)
+            write_all(2, data)
+            return True
         except OSError:
-            return 0
+            return False
 
 
 class FileSink:
@@ -502,26 +641,27 @@ class FileSink:
     def __init__(self, path):
         self.path = path
         self.fd = None
-        self.stamps = StderrSink()
-        self.stamps.journal = False
 
     @staticmethod
     def is_file():
         return True
 
     def write(self, items):
+        return len(items) if self.write_raw(
+            "".join(file_line(*item) for item in items).encode("utf-8", "replace")) else 0
+
+    def write_raw(self, data):
         if self.fd is None:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                                   os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
             except OSError:
-                return 0
-        data = "".join(self.stamps.line(*item) for item in items).encode("utf-8", "replace")
+                return False
         try:
-            os.write(self.fd, data)
-            return len(items)
+            write_all(self.fd, data)
+            return True
         except OSError:
-            return 0
+            return False
 
 
 def syslog_or_file():
@@ -559,12 +699,13 @@ class SyslogSink:
 
     def write(self, items):
         written = 0
-        for level, when, text in items:
+        for level, when, text, stamped in items:
             if self.sock is None and not self._connect():
                 continue
             pri = SYSLOG_FACILITY * 8 + JOURNAL_PRIORITY[level]
             stamp = time.strftime("%b %d %H:%M:%S", time.localtime(when))
-            msg = "<%d>%s %s[%d]: %s" % (pri, stamp, PROG, os.getpid(), text)
+            msg = "<%d>%s %s[%d]: %s%s" % (pri, stamp, PROG, os.getpid(),
+                                           own_time(when, stamped), text)
             try:
                 self.sock.send(msg.encode("utf-8", "replace")[:8192])
                 written += 1
@@ -574,6 +715,11 @@ class SyslogSink:
                 self.sock.close()
                 self.sock = None
         return written
+
+    def write_raw(self, data):
+        """The spill file's lines (each has its own time and level in its text)."""
+        lines = [line.decode("utf-8", "replace") for line in data.splitlines() if line]
+        return self.write([(20, time.time(), line, False) for line in lines]) == len(lines)
 
 
 log = Log()
@@ -727,10 +873,16 @@ OPTIONS = [
            "step of /sync; thawed first on /post-sync (no fsfreeze needed)"),
     Option("freeze_under", "--freeze-under", "SYNCHOOK_FREEZE_UNDER", "", parse_text, "DIR",
            "hooks", "with --freeze all: only the mounts at or below DIR"),
+    Option("skip_freeze_on_failure", "--skip-freeze-on-failure",
+           "SYNCHOOK_SKIP_FREEZE_ON_FAILURE", "0", parse_bool, None, "hooks",
+           "a failed sync step skips the freeze, as synchook 1.4 did (default: freeze "
+           "anyway, since XO snapshots whatever /sync answers)"),
     Option("timeout", "--timeout", "SYNCHOOK_TIMEOUT", "55", parse_seconds, "SEC", "hooks",
            "longest a hook command may run (XO waits 60)"),
     Option("max_hold", "--max-hold", "SYNCHOOK_MAX_HOLD", "300", parse_seconds, "SEC", "hooks",
-           "longest a window stays open without /post-sync; then the post phase runs anyway"),
+           "longest a window stays open without /post-sync; then the post phase runs anyway "
+           "(default 150 when --freeze freezes /: journald's watchdog kills it after 3 "
+           "minutes of a frozen /)"),
     Option("listen", "--listen", "SYNCHOOK_LISTEN", "", parse_listen, "ADDR", "network",
            "address to bind (default: all, IPv6 and IPv4)"),
     Option("port", "--port", "SYNCHOOK_PORT", str(DEFAULT_PORT), parse_port, "N", "network",
@@ -1174,6 +1326,13 @@ def check_freeze_plan(cfg):
             raise ConfigError("--freeze %s: cannot be frozen (%s)" % (mount.point, why))
 
 
+def freezes_root(cfg):
+    """Does --freeze freeze / ?"""
+    if cfg.freeze == "all":
+        return cfg.freeze_under in ("", "/")
+    return "/" in cfg.freeze
+
+
 def read_secret_file(path):
     """The secret in a file, one trailing newline stripped; ConfigError if unusable."""
     try:
@@ -1217,6 +1376,8 @@ def finish_config(cfg, check_files=True):
         raise ConfigError("--freeze-under %s: goes with --freeze all" % cfg.freeze_under)
     if cfg.freeze:
         check_freeze_plan(cfg)
+        if cfg.origin.get("max_hold") is None and freezes_root(cfg):
+            cfg.max_hold = ROOT_MAX_HOLD
     # The daemon works from / (it must not keep a mount busy): paths become absolute.
     for name in ("tls_cert", "tls_key", "hooks_dir", "runtime_dir", "state_dir", "freeze_under"):
         if getattr(cfg, name):
@@ -1469,6 +1630,17 @@ ABANDONED = []                     # children that outlived SIGKILL: reaped late
 COMMAND_OOM_SCORE = []             # the oom_score_adj commands get, if the daemon lowered its own
 PROGRAM = [os.path.abspath(__file__)]   # what the guardian runs (main() sets it from argv)
 DEV_NULL = []                      # /dev/null, the commands' stdin, once it could be opened
+COMMAND_CORE_LIMIT = []            # RLIMIT_CORE commands get, if the daemon changed its own
+
+
+def give_core_limit(pid):
+    """A command's RLIMIT_CORE back to what synchook had (forbid_core_dumps),
+    as soon as it is started (posix_spawn cannot set a limit: a command that
+    crashed in its first few microseconds would dump no core)."""
+    try:
+        resource.prlimit(pid, resource.RLIMIT_CORE, COMMAND_CORE_LIMIT[0])
+    except OSError:
+        pass                             # gone already
 
 
 def dev_null():
@@ -1590,6 +1762,8 @@ def spawn(argv, env, hold=False):
         proc.start_ticks = (first, boot_ticks())
         if COMMAND_OOM_SCORE:
             set_oom_score(COMMAND_OOM_SCORE[0], proc.pid)
+        if COMMAND_CORE_LIMIT:
+            give_core_limit(proc.pid)
         if hold:
             proc.stdin, stdin_end = open(stdin_end, "wb", buffering=0), None
     except BaseException:
@@ -1883,20 +2057,37 @@ def list_hooks(directory):
 class Phases:
     """The steps of a window, shared by the daemon and `check`.
 
-    sync phase: hold, hooks (name order), --sync, freeze; a failed step skips the rest.
+    sync phase: hold, hooks (name order), --sync, then the freeze; a failed
+    step skips the commands after it, never the freeze (XO snapshots anyway:
+    the freeze is the safety net), unless --skip-freeze-on-failure.
     post phase: thaw, --post-sync, hooks (reverse order), end of the hold; all run.
     """
 
     def __init__(self, cfg, freezing=True):
         self.cfg = cfg
+        self.timeout = cfg.timeout
         self.hold = Hold(cfg.hold) if cfg.hold else None
         self.freezer = Freezer(cfg.freeze, cfg.freeze_under) if cfg.freeze else None
         self.freezing = freezing          # `check` lists what it would freeze, freezes nothing
         # The daemon's own environment does not change: copied once, as the
         # bytes exec() takes (os.environ would decode it, spawning encode it).
-        self.base_env = dict(os.environb)
-        self.base_env.pop(b"SYNCHOOK_SECRET", None)
+        self.base_env = {name: value for name, value in os.environb.items()
+                         if name != b"SYNCHOOK_SECRET" and
+                         not name.startswith(GUARDIAN_ENV_PREFIX)}
         self.envs = {}                    # made once per (phase, client, sync result)
+
+    def for_recovery(self, freezer, timeout):
+        """These steps as a recovery runs a dead run's post plan: its freeze
+        (what the marker names), its timeout, no hold of ours."""
+        phases = Phases.__new__(Phases)
+        phases.__dict__.update(self.__dict__)
+        phases.freezer, phases.timeout, phases.hold = freezer, timeout, None
+        return phases
+
+    def sync_budget(self):
+        """The longest the sync phase can take: each command's timeout."""
+        steps = len(self.hooks()) + bool(self.hold) + bool(self.cfg.sync) + bool(self.freezer)
+        return max(1, steps) * self.timeout
 
     def env(self, phase, client, sync_result=None):
         """A command's environment: synchook's own, less the secret, plus the
@@ -1925,25 +2116,36 @@ class Phases:
             (log.warning if unsafe else log.debug)("hooks dir: %s", reason)
         return hooks
 
-    def sync_phase(self, client, cancel, on_start=None, on_freeze=None):
+    def sync_phase(self, client, cancel, marker=None):
+        """The sync phase's steps; marker (the window's) records each process
+        group and each filesystem about to be frozen."""
         env = self.env("sync", client)
+        on_start = marker.add_group if marker is not None else None
         steps = []
         if self.hold is not None:
-            steps.append(self.hold.start(env, self.cfg.timeout, cancel, on_start))
+            steps.append(self.hold.start(env, self.timeout, cancel, on_start))
         for path in ([] if steps and not steps[-1].ok else self.hooks()):
             steps.append(run_command([path, self.cfg.hook_words[0]],
                                      "sync hook %s" % os.path.basename(path),
-                                     env, self.cfg.timeout, cancel, on_start))
+                                     env, self.timeout, cancel, on_start))
             if not steps[-1].ok:
                 break
         if self.cfg.sync and all(step.ok for step in steps):
             steps.append(run_command([SHELL, "-c", self.cfg.sync], "sync", env,
-                                     self.cfg.timeout, cancel, on_start))
-        if self.freezer and self.freezing and all(step.ok for step in steps):
-            if cancel.is_set():
-                steps.append(Result("freeze", False, "not frozen: /post-sync arrived"))
-            else:
-                steps.append(self.freezer.freeze(on_freeze))     # last: nothing runs after
+                                     self.timeout, cancel, on_start))
+        if self.freezer is None or not self.freezing:
+            return steps
+        failed = [step.label for step in steps if not step.ok]
+        if cancel.is_set():
+            steps.append(Result("freeze", False, "not frozen: /post-sync arrived"))
+        elif failed and self.cfg.skip_freeze_on_failure:
+            log.warning("freeze skipped: %s failed (--skip-freeze-on-failure)", failed[0])
+            steps.append(Result("freeze", False, "not frozen: %s failed "
+                                "(--skip-freeze-on-failure)" % failed[0]))
+        else:
+            if failed:
+                log.warning("%s failed: freezing all the same (XO snapshots anyway)", failed[0])
+            steps.append(self.freezer.freeze(marker))     # last: nothing runs after
         return steps
 
     def post_plan(self):
@@ -1967,11 +2169,13 @@ class Phases:
     def run_post_steps(self, plan, client, sync_result, on_start=None):
         """Run plan's steps in order until one cannot start.
 
-        Returns (results, rest): rest is what is still owed, beginning with
-        the step that could not start ([] when every step started).
+        Returns (results, rest): rest is what is still owed: a thaw not
+        verified (the steps after it run all the same), then the step that
+        could not start and those after it ([] when all is done).
+        on_start(label, proc) is told of each command's process.
         """
         env = None                        # made at the first command: after the thaw
-        results = []
+        results, owed = [], []
         for index, (label, argv) in enumerate(plan):
             try:
                 # A recovery's plan comes from the marker: its thaw and its
@@ -1983,16 +2187,20 @@ class Phases:
                 else:
                     if env is None:
                         env = self.env("post-sync", client, sync_result)
-                    result = run_command(argv, label, env, self.cfg.timeout, None, on_start)
+                    started = None if on_start is None else (
+                        lambda proc, label=label: on_start(label, proc))
+                    result = run_command(argv, label, env, self.timeout, None, started)
             except Exception as err:       # noqa: BLE001 (a bug must not cost the thaw)
                 log.error("%s: internal error: %r", label, err)
                 result = Result(label, False, "internal error: %r" % (err,), started=False)
             if result is None:
                 continue
             results.append(result)
-            if not result.started:
-                return results, plan[index:]
-        return results, []
+            if not result.started and label == "thaw":
+                owed.append((label, argv))
+            elif not result.started:
+                return results, owed + plan[index:]
+        return results, owed
 
     def post_phase(self, client, sync_result="none"):
         """The whole post phase once, for `check` and a /post-sync with no window."""
@@ -2113,6 +2321,10 @@ class Freezer:
     mountinfo), never by its path alone: FIFREEZE goes only to a descriptor
     found on the very mount planned, and the marker names devices, which a
     restart or the guardian finds again wherever they are mounted by then.
+
+    The freeze is the safety net: XO snapshots whatever /sync answers, so a
+    mount that cannot be frozen is named in the answer and the others are
+    frozen all the same, and a thaw that cannot be verified stays owed.
     """
 
     def __init__(self, wanted, under=""):
@@ -2124,45 +2336,54 @@ class Freezer:
     def plan(self):
         return freeze_plan(read_mounts(), self.wanted, self.under)
 
-    def freeze(self, announce=None):
-        """Freeze the plan; announce(mounts) first (the marker, written before any
-        filesystem is frozen).  With 'all', a filesystem that cannot be frozen
-        (EOPNOTSUPP) is skipped; "already frozen" (EBUSY: a bind mount of one
-        frozen here, or frozen by another program) counts as frozen.  Any other
-        error, a listed mount that cannot be frozen, or a plan that ends up
-        freezing nothing thaws what was frozen and fails the step: XO must never
-        take an unfrozen snapshot for a consistent one."""
+    def freeze(self, marker=None):
+        """Freeze the plan, each filesystem named in the marker just before it
+        is frozen (and taken out again if it was not frozen by us).  With
+        'all', a filesystem that cannot be frozen (EOPNOTSUPP) is skipped;
+        "already frozen" (EBUSY: a bind mount of one frozen here, or frozen by
+        another program) counts as frozen, not as ours.  Any other failure is
+        the step's, and the rest is frozen anyway."""
         started = time.monotonic()
         plan, skipped = self.plan()
+        failures = []
         for point, why in skipped:
             if self.wanted != "all":
-                return Result("freeze", False, "freeze %s: %s" % (point, why))
-            log.debug("freeze: %s skipped (%s)", point, why)
-        if announce is not None:
-            announce(plan)
+                failures.append("freeze %s: %s" % (point, why))
+            else:
+                log.debug("freeze: %s skipped (%s)", point, why)
         self.since = time.time()
         already = 0
         for mount in plan:
-            failure = self._freeze_one(mount)
-            if failure == "already frozen":
+            if marker is not None and not marker.freezing(mount):
+                failures.append("freeze %s: not recorded in the window marker" % mount.point)
+                continue
+            outcome = self._freeze_one(mount)
+            if outcome and marker is not None:
+                marker.not_frozen(mount)
+            if outcome == "already frozen":
                 already += 1
-            elif failure:
-                log.error("freeze: %s; thawing what was frozen", failure)
-                self.thaw()
-                return Result("freeze", False, failure, None, time.monotonic() - started)
+            elif outcome and outcome != "skipped":
+                failures.append(outcome)
         points = [point for point, _, _ in self.frozen]
-        if not points and not already:
-            reason = "freeze: nothing frozen (%s)" % (
+        took = time.monotonic() - started
+        if not points and not already and not failures:
+            failures.append("freeze: nothing frozen (%s)" % (
                 "no filesystem of the plan can be frozen" if plan else "nothing to freeze" +
-                (" under %s" % self.under if self.under else ""))
-            log.error("%s", reason)
-            return Result("freeze", False, reason, None, time.monotonic() - started)
-        log.info("freeze: %d frozen in %.3f s: %s", len(points), time.monotonic() - started,
+                (" under %s" % self.under if self.under else "")))
+        if failures:
+            log.error("%s; %s", "; ".join(failures), self.summary())
+            return Result("freeze", False, "; ".join(failures), None, took)
+        log.info("freeze: %d frozen in %.3f s: %s", len(points), took,
                  ", ".join(points) or "none (all were frozen already)")
-        return Result("freeze", True, "ok", None, time.monotonic() - started)
+        return Result("freeze", True, "ok", None, took)
+
+    def summary(self):
+        """What is frozen, in words (what is not is in the failures)."""
+        points = [point for point, _, _ in self.frozen]
+        return "frozen anyway: %s" % ", ".join(points) if points else "nothing frozen"
 
     def _freeze_one(self, mount):
-        """None when frozen or skipped, "already frozen", or the failure."""
+        """None when frozen, "skipped", "already frozen", or the failure."""
         fd, why = open_mount(mount)
         if fd is None:
             return "freeze %s: %s" % (mount.point, why)
@@ -2172,36 +2393,42 @@ class Freezer:
             os.close(fd)
             if err.errno == errno.EOPNOTSUPP and self.wanted == "all":
                 log.info("freeze: %s (%s) cannot be frozen: skipped", mount.point, mount.fstype)
-                return None
+                return "skipped"
             if err.errno == errno.EOPNOTSUPP:
                 return "freeze %s: %s cannot be frozen (the filesystem has no freeze)" % (
                     mount.point, mount.fstype)
             if err.errno == errno.EBUSY:
                 log.info("freeze: %s already frozen (a bind mount, or frozen by another "
-                         "program)", mount.point)
+                         "program): not ours to thaw", mount.point)
                 return "already frozen"
             return "freeze %s: %s" % (mount.point, err.strerror)
         self.frozen.append((mount.point, fd, mount.device))
         return None
 
     def thaw(self):
-        """Thaw what this window froze, last frozen first.  Always starts."""
+        """Thaw what this window froze, last frozen first, each verified; None
+        if nothing was frozen.  Always starts.  What is not verified thawed
+        stays in self.frozen: the step is owed (not started), tried again."""
+        if not self.frozen:
+            self.since = None
+            return None
         started = time.monotonic()
-        errors = []
-        while self.frozen:
-            point, fd, _ = self.frozen.pop()
-            try:
-                fcntl.ioctl(fd, FITHAW, 0)
-            except OSError as err:
-                if err.errno != errno.EINVAL:          # EINVAL: not frozen (any more)
-                    errors.append("thaw %s: %s" % (point, err.strerror))
-            finally:
+        still, errors = [], []
+        for point, fd, device in reversed(self.frozen):
+            outcome = thaw_fd(fd, close=False)
+            if outcome in ("thawed", "not frozen"):
                 os.close(fd)
-        self.since = None
+            else:
+                still.insert(0, (point, fd, device))
+                errors.append("thaw %s: %s" % (point, outcome))
+        self.frozen = still
+        took = time.monotonic() - started
         if errors:
-            log.error("%s", "; ".join(errors))
-            return Result("thaw", False, "; ".join(errors), None, time.monotonic() - started)
-        return Result("thaw", True, "ok", None, time.monotonic() - started)
+            log.alert("%s: still frozen, owed", "; ".join(errors))
+            return Result("thaw", False, "still frozen: " + "; ".join(errors), None, took,
+                          started=False)
+        self.since = None
+        return Result("thaw", True, "ok", None, took)
 
     def status(self):
         return [{"mount": point, "device": device_name(device), "since": iso(self.since)}
@@ -2232,13 +2459,15 @@ def fd_mount_id(fd):
 
 def open_mount(mount):
     """(descriptor on mount's root, None), checked to be on that very mount,
-    or (None, why).  Not through a symbolic link; a directory left where the
-    mount was, or another filesystem mounted there since, is refused (FIFREEZE
-    on it would freeze, or thaw, the wrong filesystem)."""
+    or (None, why).  The path is walked one component at a time from /, never
+    through a symbolic link: a path longer than PATH_MAX is reached, and
+    whatever a user who owns a directory above it swaps in is refused, as is a
+    directory left where the mount was, or another filesystem mounted there
+    since (FIFREEZE on it would freeze, or thaw, the wrong filesystem)."""
     try:
-        fd = os.open(mount.point, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = walk_to(mount.point)
     except OSError as err:
-        return None, err.strerror
+        return None, err.strerror or str(err)
     mount_id = fd_mount_id(fd)
     if mount_id is None:
         same = is_mount_root(fd, mount)          # kernels without mnt_id in fdinfo
@@ -2248,6 +2477,26 @@ def open_mount(mount):
         os.close(fd)
         return None, "no longer a mount point"
     return fd, None
+
+
+def walk_to(path):
+    """A read descriptor on directory path, opened component by component
+    (openat from the one before, O_NOFOLLOW): no PATH_MAX limit, no link."""
+    parts = [part for part in path.split("/") if part]
+    flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", (os.O_RDONLY if not parts else os.O_PATH) | flags)
+    try:
+        for index, part in enumerate(parts):
+            if part in (".", ".."):
+                raise OSError(errno.EINVAL, "a mount point with . or ..")
+            last = index == len(parts) - 1
+            fd, parent = os.open(part, (os.O_RDONLY if last else os.O_PATH) | flags,
+                                 dir_fd=fd), fd
+            os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def is_mount_root(fd, mount):
@@ -2270,23 +2519,35 @@ def thaw_mount(mount):
     return thaw_fd(fd)
 
 
-def thaw_fd(fd):
-    """FITHAW on fd, which it closes: "thawed", "not frozen" or why not."""
+def thaw_fd(fd, close=True):
+    """FITHAW on fd, verified: "thawed", "not frozen" or why not.  Verified
+    means a second FITHAW finds it not frozen (EINVAL): a filesystem frozen by
+    this FIFREEZE is thawed by one FITHAW."""
     try:
-        fcntl.ioctl(fd, FITHAW, 0)
-        return "thawed"
-    except OSError as err:
-        return "not frozen" if err.errno == errno.EINVAL else "cannot thaw: %s" % err.strerror
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return "not frozen"
+            return "cannot thaw: %s" % err.strerror
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return "thawed"
+            return "thawed, not verified: %s" % err.strerror
+        return "thawed twice (frozen twice?), not verified"
     finally:
-        os.close(fd)
+        if close:
+            os.close(fd)
 
 
-def thaw_identities(entries):
+def thaw_identities(entries, tries=THAW_TRIES):
     """Thaw the filesystems a marker names by identity, last frozen first:
-    each is looked up by its device in today's mountinfo (the same mount
-    first, then any other mount of it: a frozen filesystem is thawed through
-    any of its mounts), wherever it is mounted now.  [(label, outcome)]."""
-    mounts = read_mounts()
+    each is looked up by its device in mountinfo (the same mount first, then
+    any other mount of it: a frozen filesystem is thawed through any of its
+    mounts), wherever it is mounted now.  A path renamed under our feet is
+    looked up again (tries times).  [(entry, label, outcome)]."""
     outcomes = []
     for entry in reversed(entries):
         try:
@@ -2294,16 +2555,20 @@ def thaw_identities(entries):
             device, mount_id = os.makedev(major, minor), entry.get("mount_id")
             label = "%s (device %s)" % (entry.get("point"), entry["device"])
         except (TypeError, ValueError, KeyError, AttributeError):
-            outcomes.append(("%r" % (entry,), "not understood: skipped"))
+            outcomes.append((entry, "%r" % (entry,), "not understood: skipped"))
             continue
-        found = sorted((mount for mount in mounts if mount.device == device),
-                       key=lambda mount: mount.mount_id != mount_id)
-        outcome = "no mount of device %s now (unmounted?)" % entry["device"]
-        for mount in found:
-            outcome = thaw_mount(mount)
+        for attempt in range(tries):
+            found = sorted((mount for mount in read_mounts() if mount.device == device),
+                           key=lambda mount: mount.mount_id != mount_id)
+            outcome = "no mount of device %s now (unmounted?)" % entry["device"]
+            for mount in found:
+                outcome = thaw_mount(mount)
+                if not outcome.startswith("cannot open"):
+                    break
             if not outcome.startswith("cannot open"):
                 break
-        outcomes.append((label, outcome))
+            time.sleep(0.01 * (attempt + 1))
+        outcomes.append((entry, label, outcome))
     return outcomes
 
 
@@ -2313,7 +2578,7 @@ def thaw_paths(points):
     outcomes = []
     for point in points:
         try:
-            fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = walk_to(point)
         except OSError as err:
             outcomes.append((point, "cannot open: %s" % err.strerror))
             continue
@@ -2332,17 +2597,26 @@ class SyncWindow:
     Requests take turns in arrival order (a fair lock), except a /post-sync
     that arrives while the sync phase runs: it cancels that phase and goes
     first.  A watchdog closes a window left open for --max-hold seconds, and
-    retries a post phase that could not start.  A marker file in the runtime
-    dir (the window's client, its process groups, the post steps done) lets
-    the next start close a window this process could not.
+    retries a post phase that could not start (or a thaw not verified).  The
+    window's Marker in the runtime dir and a live guardian are the two things
+    a window cannot open without: the marker lets the guardian or the next
+    start close a window this process could not, and the guardian (told the
+    window's deadline at each change) closes it if this process dies, stops or
+    hangs.
+
+    States:  idle --/sync: marker written, guardian armed--> syncing
+             syncing --sync phase over (whatever happened)--> open (deadline set)
+             open --/post-sync, max-hold, shutdown--> closing: the post plan runs
+             closing --every step started, every thaw verified--> idle
+             closing --a step could not start--> owed (retried; /sync refused)
     """
 
-    def __init__(self, phases, max_hold, runtime_dir, guardian=None):
-        self.phases = phases
+    def __init__(self, phases, max_hold, marker, guardian=None):
+        self.phases = phases           # the settings' steps
+        self.window_phases = phases    # the steps of this window (a recovery's: the marker's)
         self.max_hold = max_hold
+        self.marker = marker
         self.guardian = guardian       # releases the window if this process dies
-        self.marker = os.path.join(runtime_dir, MARKER_FILE)
-        self.marker_fd = None          # the marker's, from its creation (add_to_marker)
         self.cond = threading.Condition()
         self.waiting = collections.deque()
         self.busy = False
@@ -2352,21 +2626,16 @@ class SyncWindow:
         self.stopped = False
         self.released_by_watchdog = False
         self.opened_at = None          # wall clock, for /status and the marker
-        self.marker_template = (None, "")   # (post plan, the marker's fixed fields as JSON)
-        self.pid = os.getpid()
         self.opened_mono = None        # monotonic, for the window's ceiling
         self.opened_by = None
         self.deadline = None           # monotonic; set once the sync phase ended
         self.window_answer = None      # what this window's /sync answered
-        self.groups = []               # process groups started for this window
         self.watchdog_stale = False    # a deadline it has not seen yet (see settle)
-        self.freezing = []             # mount points --freeze is about to freeze
-        self.freeze_ids = []           # the same, by identity (device, mount id)
         self.plan = []                 # the post phase's steps, fixed when the window opens
         self.post_rest = None          # post steps still owed, once the post phase began
         self.post_results = []         # results of the post steps that ran
         self.post_done = []            # their labels, kept in the marker
-        self.owed = None               # why the rest of the post phase could not start
+        self.owed = None               # why the rest of the post phase is still owed
         self.tries = 0
         self.last = {"sync": None, "post-sync": None}
         self.watchdog = threading.Thread(target=self._watch, name="max-hold", daemon=True)
@@ -2414,26 +2683,38 @@ class SyncWindow:
                     if self.deadline is None or deadline < self.deadline:
                         self.watchdog_stale = True   # else it wakes in time anyway
                     self.deadline = deadline
+                self._arm_guardian(deadline - time.monotonic())
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
-            if self.guardian is not None:
-                self.guardian.ensure()
-            self._open(client)
+            problem = self._open(client)
+            if problem:
+                log.alert("/sync refused, nothing run: %s (a window must have a record "
+                          "and a guardian)", problem)
+                return 500, "nothing run: " + problem
             self.window_answer = 500, "internal error"    # replaced unless sync_phase raises
             try:
-                steps = self.phases.sync_phase(client, self.cancel, self._track,
-                                               self._announce_freeze)
+                steps = self.phases.sync_phase(client, self.cancel, self.marker)
             finally:
                 # Whatever happened, the window is open: the max-hold clock runs.
                 with self.cond:
                     self.syncing = False
                     self.deadline = time.monotonic() + self.max_hold
                     self.watchdog_stale = True
-            self.window_answer = phase_answer(steps)
+                self._arm_guardian(self.max_hold)
+            self.window_answer = self.sync_answer(steps)
             self._record("sync", steps)
             return self.window_answer
         finally:
             self._give_turn()
+
+    def sync_answer(self, steps):
+        """phase_answer, and when a step failed, what the freeze did anyway."""
+        status, text = phase_answer(steps)
+        freezer = self.phases.freezer
+        if status != 200 and freezer is not None and self.phases.freezing:
+            text = "%s; %s" % (text, freezer.summary())
+            log.warning("sync phase failed: %s", text)
+        return status, text
 
     def post_sync(self, client):
         with self.cond:
@@ -2476,8 +2757,9 @@ class SyncWindow:
             left = None
             if self.is_open and self.deadline is not None:
                 left = round(max(0.0, self.deadline - time.monotonic()), 1)
-            if self.phases.freezer is not None:
-                state["frozen"] = self.phases.freezer.status()
+            freezer = self.window_phases.freezer
+            if freezer is not None:
+                state["frozen"] = freezer.status()
             if self.owed is not None:
                 state["post_phase_owed"] = {"reason": self.owed, "tries": self.tries,
                                             "next_try_in": left}
@@ -2487,43 +2769,61 @@ class SyncWindow:
 
     # Opening and closing ---------------------------------------------------
     def _open(self, client):
+        """Open the window: None, or why it cannot be (nothing is run then)."""
+        if self.guardian is not None and not self.guardian.ensure():
+            return "no guardian could be started"
+        plan = self.phases.post_plan()
+        opened_at = time.time()
+        problem = self.marker.open_window(client, opened_at, plan, self.phases.timeout)
+        if problem:
+            return problem
         with self.cond:
             self.is_open = True
             self.syncing = True
             self.cancel.clear()
             self.released_by_watchdog = False
-            self.opened_at = time.time()
+            self.opened_at = opened_at
             self.opened_mono = time.monotonic()
             self.opened_by = client
             self.deadline = None
-            self.groups, self.freezing, self.freeze_ids = [], [], []
+            self.window_phases = self.phases
+            self.plan = plan
             self.post_rest, self.post_results, self.post_done = None, [], []
         # No file is written from here to the window's close: a sync step may
         # freeze any filesystem, the one under the log included.
         log.hold()
-        self.plan = self.phases.post_plan()
-        self.write_marker(new=True)
+        self._arm_guardian(self.phases.sync_budget() + self.max_hold)
         log.info("window opened by %s", client)
+        return None
+
+    def _arm_guardian(self, seconds):
+        """The guardian kills this process if the window is still open
+        GUARDIAN_GRACE after `seconds`: a daemon stopped or hung (SIGSTOP, a
+        debugger, a deadlock) cannot keep the guest frozen past its ceiling."""
+        if self.guardian is not None:
+            self.guardian.arm(seconds + GUARDIAN_GRACE)
 
     def _close(self, client, why):
         """Run what is owed of the post phase; the window closes once every
-        step of it has started.  A step that could not start (no descriptor,
-        no fork) keeps the window open, the marker in place, and is tried
-        again after a short wait (POST_RETRIES) by the watchdog."""
+        step of it has started and every thaw is verified.  A step that could
+        not start (no descriptor, no fork) or a filesystem not verified thawed
+        keeps the window open, the marker in place, and is tried again after a
+        short wait (POST_RETRIES) by the watchdog."""
         if self.post_rest is None:
             self.post_rest = list(self.plan)
-        # Post-phase groups are not recorded: a restart reruns the post phase anyway.
         status = self.window_answer[0] if self.window_answer else None
         sync_result = ("unknown" if client in ("restart", "recover") else
                        "ok" if status == 200 else "failed")
-        results, rest = self.phases.run_post_steps(self.post_rest, client, sync_result)
-        done = self.post_rest[:len(self.post_rest) - len(rest)]
+        self._arm_guardian(len(self.post_rest) * self.window_phases.timeout)
+        results, rest = self.window_phases.run_post_steps(self.post_rest, client, sync_result,
+                                                          self.marker.add_post_group)
+        owed_labels = set(label for label, _ in rest)
         self.post_results.extend(result for result in results if result.started)
-        self.post_done.extend(label for label, _ in done)
+        self.post_done.extend(label for label, _ in self.post_rest if label not in owed_labels)
         self.post_rest = rest
         if rest:
-            failed = results[-1]
-            reason = failed.reason if failed.label == "post-sync" else "%s: %s" % (
+            failed = [result for result in results if not result.started][0]
+            reason = failed.reason if failed.label in ("post-sync", "thaw") else "%s: %s" % (
                 failed.label, failed.reason)
             wait = POST_RETRIES[min(self.tries, len(POST_RETRIES) - 1)]
             with self.cond:
@@ -2531,21 +2831,24 @@ class SyncWindow:
                 self.owed = reason
                 self.deadline = time.monotonic() + wait
                 self.cond.notify_all()
-            self.write_marker()
-            log.error("post phase (%s, try %d) could not start: %s; still owed, next try "
-                      "in %s s", why, self.tries, reason, seconds(wait))
+            self.marker.add({"post_done": self.post_done})
+            self._arm_guardian(wait + len(rest) * self.window_phases.timeout)
+            log.alert("post phase (%s, try %d) %s: %s; still owed, next try in %s s",
+                      why, self.tries, "not done" if failed.label == "thaw" else
+                      "could not start", reason, seconds(wait))
             self._record("post-sync", self.post_results + [failed])
-            return 500, "post phase not started: %s (retried in %s s)" % (reason, seconds(wait))
+            return 500, "post phase not done: %s (retried in %s s)" % (reason, seconds(wait))
         steps = self.post_results
         with self.cond:
             self.is_open = False
             self.deadline = None
             self.opened_at = self.opened_mono = self.opened_by = None
             self.post_rest, self.post_results, self.post_done = None, [], []
-            self.owed, self.tries, self.groups, self.freezing = None, 0, [], []
-            self.freeze_ids = []
+            self.owed, self.tries = None, 0
             self.watchdog_stale = True
-        self.end_marker()
+        self.marker.close_window()
+        if self.guardian is not None:
+            self.guardian.disarm()
         self._record("post-sync", steps)
         status, text = phase_answer(steps)
         log.info("window closed (%s): %s", why, text)
@@ -2567,212 +2870,54 @@ class SyncWindow:
         with self.cond:
             self.last[phase] = (time.time(), steps)     # /status formats it
 
-    # The marker: in the runtime dir (tmpfs), never on a filesystem the hook froze
-    def _track(self, proc):
-        """Note a process group started for this window, so that a restart
-        after a crash can end it before running the post phase."""
-        self.groups.append({"pgid": proc.pid, "start": list(proc.start_ticks)})
-        self.add_to_marker({"groups": self.groups})
-
-    def _announce_freeze(self, mounts):
-        """Before --freeze freezes anything: the marker names what may be frozen,
-        by identity, so that a restart or the guardian thaws it after a crash
-        (nothing is written after)."""
-        self.freezing = [mount.point for mount in mounts]
-        self.freeze_ids = [mount_identity(mount) for mount in mounts]
-        self.add_to_marker({"frozen": self.freezing, "freeze": self.freeze_ids})
-
-    # The marker is one JSON object per line: the window as it opened, then what
-    # the sync phase added (its process groups, what it may freeze), each line
-    # overriding the fields it names.  A window is open while the marker is not
-    # empty.  The file itself stays, empty between windows, with a descriptor
-    # kept on it: a window's opening is one write(), each addition another, its
-    # close one ftruncate().  Creating the file, rewriting it whole (a new file
-    # and a rename) and unlinking it took some forty microseconds from each
-    # window.  A write of one line cannot be torn by a crash into an empty file
-    # (it is one system call, within a page); a torn last line is ignored: the
-    # line before it still names the window.
-    def prepare_marker(self):
-        """At start, once recovery is done: the empty marker, created if need
-        be, and kept open.  Not kept (the marker is made at each window
-        instead) if it is not an empty regular file of ours."""
-        self.close_marker()
-        try:
-            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
-                         os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            log.debug("window marker %s not kept open: %s", self.marker, err.strerror)
-            return
-        st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_size or st.st_uid != os.geteuid() or
-                st.st_mode & 0o077):
-            os.close(fd)
-            log.debug("window marker %s not kept open: not an empty private file", self.marker)
-            return
-        self.marker_fd = fd
-
-    def write_marker(self, new=False):
-        """Write the marker whole: into the empty marker kept open, or created
-        in place, when the window opens (new=True: a descriptor is kept to add
-        lines to); replaced whole afterwards.  A torn marker still means
-        "open"; an empty one is no window, and nothing has run before its first
-        line is written.  Once it names process groups, a replaced one is never
-        seen half written."""
-        # Everything a recovery needs is here, the post phase's own steps
-        # included: the guardian runs it without reading any setting, and a
-        # restart with changed settings still closes the window it inherited
-        # the way that window was opened.
-        # opened_at: seconds since the epoch (formatted when read: the local
-        # time's formatting costs a stat of /etc/localtime on every call).
-        if new:
-            data = self.new_marker()
-        else:
-            data = json.dumps({"pid": self.pid, "opened_at": self.opened_at,
-                               "client": self.opened_by, "boot_id": boot_id(),
-                               "groups": self.groups, "frozen": self.freezing,
-                               "freeze": self.freeze_ids, "post_plan": self.plan,
-                               "timeout": self.phases.cfg.timeout,
-                               "post_done": self.post_done}).encode() + b"\n"
-        if new and self.marker_fd is not None:
-            try:
-                # Removed (or replaced) since it was opened, it would name the
-                # window to nobody: then a new one is made.
-                if os.fstat(self.marker_fd).st_nlink:
-                    write_all(self.marker_fd, data)     # into the empty marker
-                    return
-                log.warning("window marker %s was removed: making it again", self.marker)
-            except OSError as err:
-                log.error("cannot write window marker %s: %s; writing it whole", self.marker,
-                          err.strerror)
-                new = False
-        self.close_marker()
-        try:
-            if new:
-                try:
-                    self.marker_fd = write_in_new_file(self.marker, data, keep=True)
-                    return
-                except FileExistsError:       # left by a failed removal: replaced
-                    pass
-            write_new_file(self.marker, data)
-        except OSError as err:
-            log.error("cannot write window marker %s: %s (a crash now would not be "
-                      "recovered at restart)", self.marker, err.strerror)
-
-    def new_marker(self):
-        """A new window's marker, what write_marker writes whole, from the
-        fields that change with each window and a template of the others (the
-        same from window to window while the post plan is: JSON made once)."""
-        plan, fixed = self.marker_template
-        if plan != self.plan:
-            fixed = json.dumps({"pid": self.pid, "boot_id": boot_id(), "groups": [],
-                                "frozen": [], "freeze": [], "post_plan": self.plan,
-                                "timeout": self.phases.cfg.timeout, "post_done": []})
-            self.marker_template = (self.plan, fixed)
-        own = json.dumps({"opened_at": self.opened_at, "client": self.opened_by})
-        return (own[:-1] + ", " + fixed[1:]).encode() + b"\n"     # one object
-
-    def add_to_marker(self, fields):
-        """Add a line of fields to the marker (the whole marker again where
-        there is no descriptor to add to)."""
-        if self.marker_fd is None:
-            return self.write_marker()
-        try:
-            write_all(self.marker_fd, json.dumps(fields).encode() + b"\n")
-        except OSError as err:
-            log.error("cannot write window marker %s: %s; writing it whole", self.marker,
-                      err.strerror)
-            self.write_marker()
-
-    def close_marker(self):
-        if self.marker_fd is not None:
-            os.close(self.marker_fd)
-            self.marker_fd = None
-
-    def end_marker(self):
-        """The window is closed: its marker emptied (kept for the next window),
-        or removed where no descriptor on it is kept."""
-        if self.marker_fd is not None:
-            try:
-                os.ftruncate(self.marker_fd, 0)
-                return
-            except OSError as err:
-                log.error("cannot empty window marker %s: %s; removing it", self.marker,
-                          err.strerror)
-        self.remove_marker()
-
-    def remove_marker(self):
-        self.close_marker()
-        try:
-            os.unlink(self.marker)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            log.error("cannot remove window marker %s: %s", self.marker, err.strerror)
-
-    def read_marker(self):
-        """The marker's fields, {} if it is torn or unreadable, None if absent
-        or empty (no window open)."""
-        try:
-            fd = open_regular(self.marker, nofollow=True)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            log.error("window marker %s: %s; treating the window as open", self.marker,
-                      err.strerror)
-            return {}
-        try:
-            data = os.read(fd, MARKER_MAX)
-        except OSError:
-            data = b"?"                   # unreadable: open, as a torn one
-        finally:
-            os.close(fd)
-        if not data:
-            return None
-        return parse_marker(data.decode("utf-8", "replace").splitlines())
-
     # Outside requests -------------------------------------------------------
     def recover(self, who="restart", settings=True):
         """Close the window a dead run left open, if its marker says there is
         one; the caller holds the runtime dir's lock, so this runs once per
         window whoever gets there first (a restart, or the dead run's
         guardian).  First the dead run's freeze is thawed (nothing else can),
-        then the process groups it started are ended (a sync command finishing
-        after the thaw would freeze the guest again), then what is owed of its
-        post phase runs, as the marker describes it.  True if there was one.
-        settings=False (the guardian's recovery, which reads no settings): a
-        marker that names no post phase (synchook 1.2) is thawed and left for
-        the next start, which runs the post phase from its settings."""
-        info = self.read_marker()
+        then the process groups its sync phase started are ended (a sync
+        command finishing after the thaw would freeze the guest again), a post
+        step it had started is waited for (never run twice at once), then what
+        is owed of its post phase runs, as the marker describes it.  True if
+        there was one.  settings=False (the guardian's recovery, which reads no
+        settings): a marker that names no post phase (synchook 1.2) is thawed
+        and left for the next start, which runs the post phase from its
+        settings."""
+        info = self.marker.read(adopt=True)
         if info is None:
             return False
+        same_boot = info.get("boot_id") == boot_id()
+        leftover = LeftoverFreeze(info.get("freeze"), info.get("frozen")) if same_boot else None
         if not settings and marker_plan(info) is None:
             log.error("%s names no post phase (an older synchook wrote it): thawing only; the "
-                      "next start runs the post phase from its settings", self.marker)
-            if info.get("boot_id") == boot_id():
-                thaw_leftover_freeze(info)
+                      "next start runs the post phase from its settings", self.marker.path)
+            if leftover is not None:
+                leftover.thaw()
             return False
         log.warning("found %s (window opened %s by %s, process %s): the previous run ended "
-                    "with a window open; running its post phase (%s)", self.marker,
+                    "with a window open; running its post phase (%s)", self.marker.path,
                     marker_field(info, "opened_at"), marker_field(info, "client"),
                     marker_field(info, "pid"), who)
-        if info.get("boot_id") == boot_id():
-            thaw_leftover_freeze(info)
+        if leftover is not None:
+            leftover.thaw()
+        timeout = info.get("timeout")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            timeout = self.phases.timeout or XO_TIMEOUT - 5
         end_leftover_groups(info)
-        done = info.get("post_done")
-        done = set(label for label in done if isinstance(label, str)) if isinstance(
-            done, list) else set()
+        done = set(wait_for_post_steps(info, timeout))
+        recorded = info.get("post_done")
+        if isinstance(recorded, list):
+            done.update(label for label in recorded if isinstance(label, str))
         plan = marker_plan(info)
         if plan is None:                   # a marker of synchook 1.2 or older
             plan = self.phases.post_plan()
-        if self.phases.cfg.timeout is None:
-            timeout = info.get("timeout")
-            self.phases.cfg.timeout = (timeout if isinstance(timeout, (int, float)) and
-                                       timeout > 0 else XO_TIMEOUT - 5)
         with self.cond:
             self.is_open = True
             self.opened_at = time.time()
             self.opened_mono = time.monotonic()
             self.opened_by = who
+            self.window_phases = self.phases.for_recovery(leftover, timeout)
             self.plan = plan
             self.post_rest = [step for step in plan if step[0] not in done]
             self.post_done = sorted(done)
@@ -2831,8 +2976,8 @@ class SyncWindow:
                 log.warning("shutting down with a window open: running the post phase")
                 self._close("shutdown", "shutdown")
                 if not self.retry_owed("shutdown", SHUTDOWN_RETRY):
-                    log.error("exiting with the post phase still owed (%s): the next start "
-                              "runs it (marker %s)", self.owed, self.marker)
+                    log.alert("exiting with the post phase still owed (%s): the next start "
+                              "runs it (marker %s)", self.owed, self.marker.path)
             with self.cond:
                 self.stopped = True
                 self.cond.notify_all()
@@ -2841,24 +2986,219 @@ class SyncWindow:
             self._give_turn()
 
 
+# The marker: the window's record, in the runtime dir (tmpfs, never frozen) -------
+#
+# One JSON object per line: the window as it opened, then what the window
+# added (each process group of its sync phase, each filesystem just before it
+# is frozen, each post step's group), then a blank line.  A window is open
+# while the first line is not blank.  The file is made once, MARKER_SPACE
+# bytes of newlines, and kept open: a window writes its lines into space that
+# is already allocated (a full /run cannot refuse them), each line with the
+# blank one after it in one pwrite (a crash cannot tear it), and its close
+# writes one newline at the start.  What lies after the first blank line is an
+# older window's, and ignored.  Lines that add to a list:
+MARKER_APPEND = {"group": "groups", "freezing": "freeze", "post_group": "post_groups"}
+
+
+class Marker:
+    """The only owner of the window's marker file (and of the runtime dir's
+    lock, which whoever acts on the marker holds)."""
+
+    def __init__(self, runtime_dir, lock_fd=None):
+        self.runtime_dir = runtime_dir
+        self.path = os.path.join(runtime_dir, MARKER_FILE)
+        self.lock_fd = lock_fd
+        self.fd = None
+        self.end = 0                   # where the next line goes
+
+    def prepare(self):
+        """At start, once recovery is done (and when the runtime dir was
+        removed): a closed marker with its space allocated, kept open.
+        Whatever else is at its name is removed first.  OSError if it cannot
+        be made."""
+        self._close_fd()
+        self.remove()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, b"\n" * MARKER_SPACE, 0)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.end = fd, 0
+
+    def ensure(self):
+        """Before a window: None when the marker (and the lock) are still in
+        the runtime dir, else they are made again; why not, if they cannot be."""
+        try:
+            if self.fd is not None and os.fstat(self.fd).st_nlink:
+                return None
+        except OSError:
+            pass
+        log.alert("window marker %s was removed: making it again (the runtime dir was "
+                  "cleaned?)", self.path)
+        try:
+            prepare_runtime_dir(self.runtime_dir)
+            if self.lock_fd is not None and not os.fstat(self.lock_fd).st_nlink:
+                fd = lock_runtime_dir(self.runtime_dir, "serve", 0)
+                if fd is None:
+                    return "the runtime dir's lock is held by another process"
+                os.close(self.lock_fd)
+                self.lock_fd = fd
+            self.prepare()
+        except (OSError, ConfigError) as err:
+            return "cannot make the window marker %s again: %s" % (
+                self.path, getattr(err, "strerror", None) or err)
+        return None
+
+    def open_window(self, client, opened_at, plan, timeout):
+        """The window's first line; None, or why it cannot be written."""
+        problem = self.ensure()
+        if problem:
+            return problem
+        self.end = 0
+        fields = {"pid": os.getpid(), "opened_at": opened_at, "client": client,
+                  "boot_id": boot_id(), "groups": [], "freeze": [], "post_plan": plan,
+                  "timeout": timeout, "post_done": []}
+        if not self.add(fields):
+            return "cannot write the window marker %s" % self.path
+        return None
+
+    def add(self, fields):
+        """A line of fields, and the blank line after it; False if not written."""
+        data = json.dumps(fields).encode() + b"\n"
+        try:
+            if os.pwrite(self.fd, data + b"\n", self.end) != len(data) + 1:
+                raise OSError(errno.ENOSPC, "short write")
+        except (OSError, TypeError) as err:
+            log.alert("cannot write window marker %s: %s (a crash now would not be "
+                      "recovered)", self.path, getattr(err, "strerror", err))
+            return False
+        self.end += len(data)
+        return True
+
+    # What a window adds, as its steps go (the freeze and command layers call these).
+    def add_group(self, proc):
+        """A process group of the sync phase: ended by a recovery."""
+        self.add({"group": {"pgid": proc.pid, "start": list(proc.start_ticks)}})
+
+    def add_post_group(self, label, proc):
+        """A post step's process group: a recovery waits for it, never runs it again."""
+        self.add({"post_group": {"label": label, "pgid": proc.pid,
+                                 "start": list(proc.start_ticks)}})
+
+    def freezing(self, mount):
+        """Just before FIFREEZE: a recovery thaws it if this process dies."""
+        return self.add({"freezing": mount_identity(mount)})
+
+    def not_frozen(self, mount):
+        """FIFREEZE did not freeze it (frozen by someone else, or failed): not ours."""
+        self.add({"not_frozen": mount_identity(mount)})
+
+    def close_window(self):
+        """The window is closed: one newline at the start (or the file removed,
+        where none is kept open)."""
+        if self.fd is not None:
+            try:
+                os.pwrite(self.fd, b"\n", 0)
+                self.end = 0
+                return
+            except OSError as err:
+                log.error("cannot close window marker %s: %s; removing it", self.path,
+                          err.strerror)
+        self.remove()
+
+    def remove(self):
+        self._close_fd()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.error("cannot remove window marker %s: %s", self.path, err.strerror)
+
+    def _close_fd(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def read(self, adopt=False):
+        """The marker's fields, {} if it is torn or unreadable, None if no
+        window is open.  adopt: keep it open to add lines to (a recovery)."""
+        try:
+            fd = open_regular(self.path, nofollow=True)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            log.error("window marker %s: %s; treating the window as open", self.path,
+                      err.strerror)
+            return {}
+        try:
+            data = read_marker_text(fd)
+        except OSError:
+            data = b"?"                   # unreadable: open, as a torn one
+        if adopt and data and data != b"?":
+            try:
+                self._close_fd()
+                self.fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self.end = len(data)
+            except OSError:
+                pass
+        os.close(fd)
+        if not data:
+            return None
+        return parse_marker(data.decode("utf-8", "replace").splitlines())
+
+
+def read_marker_text(fd):
+    """The lines of the open window (up to the first blank line), b"" if none;
+    read whole, however long."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, MARKER_SPACE)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if b"\n\n" in chunk or chunk.startswith(b"\n"):
+            break
+    data = b"".join(chunks)
+    if data.startswith(b"\n"):
+        return b""
+    return data.split(b"\n\n", 1)[0]
+
+
 def marker_present(path):
-    """Does path say a window is open (a marker not empty, or anything else
-    that is not an empty file)?"""
+    """Does path say a window is open (a first line that is not blank, or
+    anything else than a regular file)?"""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
     except OSError:
         return True
-    return not (stat.S_ISREG(st.st_mode) and st.st_size == 0)
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    try:
+        fd = open_regular(path, nofollow=True)
+    except OSError:
+        return True
+    try:
+        return os.read(fd, 1) not in (b"", b"\n")
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def parse_marker(lines):
     """A marker's fields from its lines ({} if its first line is torn): each
-    line's fields override the ones before; a torn line after the first is
-    skipped (a crash in the middle of adding it)."""
+    line's fields override the ones before, or add to a list (MARKER_APPEND,
+    not_frozen takes away); a torn line after the first is skipped (a crash in
+    the middle of adding it)."""
     info = {}
     for number, line in enumerate(lines):
+        if not line.strip():
+            break                          # the end of the window's lines
         try:
             fields = json.loads(line)
         except ValueError:
@@ -2867,7 +3207,14 @@ def parse_marker(lines):
             if number == 0:
                 return {}
             continue
-        info.update(fields)
+        for key, value in fields.items():
+            if key in MARKER_APPEND:
+                listed = info.get(MARKER_APPEND[key])
+                info[MARKER_APPEND[key]] = (listed if isinstance(listed, list) else []) + [value]
+            elif key == "not_frozen" and isinstance(info.get("freeze"), list):
+                info["freeze"] = [entry for entry in info["freeze"] if entry != value]
+            else:
+                info[key] = value
     return info
 
 
@@ -2889,19 +3236,51 @@ def marker_plan(info):
     return steps
 
 
-def thaw_leftover_freeze(info):
-    """Thaw what a dead run's marker says it may have frozen: by identity
-    (device and mount id) where the marker has it, else by path (1.2)."""
-    identities = info.get("freeze")
-    if isinstance(identities, list) and identities:
-        outcomes = thaw_identities(identities)
-    else:
-        frozen = info.get("frozen")
-        points = [p for p in frozen if isinstance(p, str)] if isinstance(frozen, list) else []
-        outcomes = thaw_paths(points)
-    for label, outcome in outcomes:
-        (log.warning if outcome in ("thawed", "not frozen") else log.error)(
-            "recovery: %s: %s", escape(label, 200), outcome)
+class LeftoverFreeze:
+    """What a dead run's marker says it may have frozen, thawed as the post
+    plan's thaw step of a recovery: by identity (device and mount id) where
+    the marker has it, else by path (synchook 1.2).  What is not verified
+    thawed stays owed, and is tried again."""
+
+    def __init__(self, identities, points=None):
+        self.pending = [entry for entry in identities] if isinstance(
+            identities, list) and identities else []
+        self.by_path = [] if self.pending else [
+            point for point in points if isinstance(point, str)] if isinstance(
+            points, list) else []
+        self.result = None
+
+    def thaw(self):
+        """Try what is still pending; a Result (not started: some still owed)."""
+        if self.result is not None and not self.pending:
+            return self.result
+        started = time.monotonic()
+        outcomes = thaw_identities(self.pending) + [
+            (None, point, outcome) for point, outcome in thaw_paths(self.by_path)]
+        self.by_path = []
+        still = []
+        for entry, label, outcome in outcomes:
+            if outcome in ("thawed", "not frozen"):
+                log.warning("recovery: %s: %s", escape(label, 200), outcome)
+            elif outcome.startswith("no mount") or entry is None:
+                log.error("recovery: %s: %s", escape(label, 200), outcome)
+            else:
+                log.alert("recovery: %s: %s: still frozen, owed", escape(label, 200), outcome)
+                still.append((entry, label, outcome))
+        self.pending = [entry for entry, _, _ in reversed(still)]    # in freeze order
+        duration = time.monotonic() - started
+        if still:
+            reason = "; ".join("thaw %s: %s" % (escape(label, 200), outcome)
+                               for _, label, outcome in still)
+            self.result = Result("thaw", False, "still frozen: " + reason, None, duration,
+                                 started=False)
+        else:
+            self.result = Result("thaw", True, "ok", None, duration)
+        return self.result
+
+    def status(self):
+        return [{"mount": entry.get("point"), "device": entry.get("device"), "since": None}
+                for entry in self.pending if isinstance(entry, dict)]
 
 
 def marker_field(info, name):
@@ -2971,11 +3350,39 @@ def group_members(pgid):
     return members
 
 
+def dead_runs_group(group):
+    """The process group a dead run recorded in its marker, if it still has
+    processes and is that run's: its leader is gone (Linux reuses no pid that
+    still names a group) or is the same process (same start time).  Else None."""
+    if not isinstance(group, dict) or not isinstance(group.get("pgid"), int):
+        return None
+    pgid = group["pgid"]
+    if pgid <= 1:
+        return None
+    leader = proc_stat(pgid)
+    if leader is not None and not started_within(leader[2], group.get("start")):
+        return None                           # pid reused by an unrelated process
+    return pgid if group_members(pgid) else None
+
+
+def end_group(pgid):
+    """TERM, then KILL, a process group that is not our child's; True once it is gone."""
+    for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, RECOVER_WAIT)):
+        try:
+            os.killpg(pgid, sig)
+        except OSError:
+            return True
+        deadline = time.monotonic() + wait
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not group_members(pgid):
+            return True
+    return False
+
+
 def end_leftover_groups(info):
-    """End the process groups a dead run recorded in its marker (TERM, then
-    KILL), and wait until they are gone.  A group is the dead run's if its
-    leader is gone (Linux reuses no pid that still names a group) or is the
-    same process (same start time); after a reboot nothing is left."""
+    """End the process groups a dead run's sync phase recorded in its marker,
+    and wait until they are gone; after a reboot nothing is left."""
     groups = info.get("groups")
     if not isinstance(groups, list) or not groups:
         return
@@ -2983,30 +3390,42 @@ def end_leftover_groups(info):
         log.info("the marker is from before a reboot: no process of that run is left")
         return
     for group in groups:
-        if not isinstance(group, dict) or not isinstance(group.get("pgid"), int):
-            continue
-        pgid = group["pgid"]
-        if pgid <= 1:
-            continue
-        leader = proc_stat(pgid)
-        if leader is not None and not started_within(leader[2], group.get("start")):
-            continue                          # pid reused by an unrelated process
-        if not group_members(pgid):
+        pgid = dead_runs_group(group)
+        if pgid is None:
             continue
         log.warning("ending process group %d, left running by the previous run", pgid)
-        for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, RECOVER_WAIT)):
-            try:
-                os.killpg(pgid, sig)
-            except OSError:
-                break
-            deadline = time.monotonic() + wait
-            while group_members(pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if not group_members(pgid):
-                break
-        else:
+        if not end_group(pgid):
             log.error("process group %d still has processes after SIGKILL (stuck on a "
                       "frozen filesystem?): running the post phase anyway", pgid)
+
+
+def wait_for_post_steps(info, timeout):
+    """The post steps a dead run had started (their groups are in its marker):
+    one still running is waited for, `timeout` seconds at most, then ended.
+    Returns their labels: each ran once, and is not run again."""
+    groups = info.get("post_groups")
+    if not isinstance(groups, list) or info.get("boot_id") != boot_id():
+        return []
+    labels = []
+    for group in groups:
+        label = group.get("label") if isinstance(group, dict) else None
+        if not isinstance(label, str):
+            continue
+        labels.append(label)
+        pgid = dead_runs_group(group)
+        if pgid is None:
+            continue
+        log.warning("%s (process group %d) of the previous run is still running: waiting for "
+                    "it, %s s at most, rather than running it twice", escape(label, 80), pgid,
+                    seconds(timeout))
+        deadline = time.monotonic() + timeout
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if group_members(pgid):
+            log.warning("%s (process group %d) still running after %s s: ending it",
+                        escape(label, 80), pgid, seconds(timeout))
+            end_group(pgid)
+    return labels
 
 
 # The runtime dir's lock: one process at a time acts on the marker ---------------
@@ -3083,69 +3502,183 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
 # The guardian: the release does not depend on synchook's own survival --------
 
 # The guardian is a shell, the smallest process at hand (its memory counts in
-# synchook's), waiting on a pipe whose other end only the daemon holds: when
-# the daemon is gone, however it died (SIGKILL, the OOM killer, a crash), read
-# returns at end of file.  If a window's marker is there, the shell becomes a
-# recovery (`synchook recover`): it thaws, ends the sync commands' groups and
-# runs the post phase the marker describes, under the runtime dir's lock.
+# synchook's), reading a pipe whose other end only the daemon holds.
+# - The daemon tells it each window's deadline ("arm SECONDS", "disarm"): past
+#   it, a timer in the guardian SIGKILLs the daemon, which cannot then keep the
+#   guest frozen however it is stuck (SIGSTOP, a debugger, a deadlock).
+# - When the daemon is gone, however it died (SIGKILL, the OOM killer, a crash,
+#   the timer), read returns at end of file.  If a window's marker is there,
+#   the shell becomes a recovery (`synchook recover`): it thaws, ends the sync
+#   commands' groups and runs the post phase the marker describes, under the
+#   runtime dir's lock.
 # Signals that stop a service are ignored: systemd (KillMode=process), OpenRC
 # and SysV send theirs to the daemon, and a terminal's ^C must not take the
-# safety net down with it.
+# safety net down with it.  Nothing in its command line names synchook (its
+# paths come by environment), so `pkill -f synchook` spares it.  Its timer
+# writes nothing to stderr, which may be a file on a frozen filesystem, and
+# never names /dev/null for output (where it is missing, `>` would create it).
 GUARDIAN_SCRIPT = """trap '' HUP INT QUIT TERM
-read -r _ || :
-[ -s "$1" ] || [ -L "$1" ] || exit 0
-shift
-exec "$@"
+daemon=$PPID
+timer=
+disarm() {
+    [ -z "$timer" ] || kill "$timer" 2>&-
+    timer=
+}
+while read -r word seconds; do
+    case $word in
+        arm)
+            disarm
+            (
+                trap 'kill "$sleeper"; exit 0' TERM
+                sleep "$seconds" & sleeper=$!
+                wait "$sleeper" || exit 0
+                printf '%s error: process %s had not released its window when due: killed by its guardian\\n' \\
+                    "$(date +%Y-%m-%dT%H:%M:%S%z)" "$daemon" >>"$SYNCHOOK_GUARDIAN_SPILL"
+                kill -KILL "$daemon"
+            ) <&- >&- 2>&- &
+            timer=$! ;;
+        disarm) disarm ;;
+    esac
+done
+disarm
+m=$SYNCHOOK_GUARDIAN_MARKER
+first=
+[ -f "$m" ] && IFS= read -r first <"$m"
+[ -n "$first" ] || [ -L "$m" ] || { [ -e "$m" ] && [ ! -f "$m" ]; } || exit 0
+exec "$SYNCHOOK_GUARDIAN_PYTHON" $SYNCHOOK_GUARDIAN_FLAGS "$SYNCHOOK_GUARDIAN_PROGRAM" recover \\
+    --runtime-dir "$SYNCHOOK_GUARDIAN_RUNTIME_DIR" --log-level "$SYNCHOOK_GUARDIAN_LOG_LEVEL" \\
+    $SYNCHOOK_GUARDIAN_SYSLOG
 """
 
 
 class Guardian:
-    """The daemon's side of the guardian: start it, and start it again if it
-    died, before each window opens."""
+    """The daemon's side of the guardian: start it, tell it each window's
+    deadline, and start it again at once if it dies (a thread waits for that)."""
 
-    def __init__(self, cfg, marker, env):
-        self.marker = marker
-        self.env = env
+    def __init__(self, cfg, env):
+        self.env = dict(env)
+        for name, value in (("MARKER", os.path.join(cfg.runtime_dir, MARKER_FILE)),
+                            ("SPILL", os.path.join(cfg.runtime_dir, SPILL_FILE)),
+                            ("PYTHON", sys.executable),
+                            ("FLAGS", " ".join(interpreter_flags())),
+                            ("PROGRAM", PROGRAM[0]), ("RUNTIME_DIR", cfg.runtime_dir),
+                            ("LOG_LEVEL", cfg.log_level),
+                            ("SYSLOG", "--syslog" if cfg.syslog else "")):
+            self.env[GUARDIAN_ENV_PREFIX + name.encode()] = os.fsencode(value)
+        self.argv = [SHELL, "-c", GUARDIAN_SCRIPT, GUARDIAN_NAME]
+        self.lock = threading.Lock()      # one start at a time: a /sync, or the watcher
         self.proc = None
         self.write_fd = None
-        recover = [sys.executable] + interpreter_flags() + [PROGRAM[0], "recover",
-                                                             "--runtime-dir", cfg.runtime_dir,
-                                                             "--log-level", cfg.log_level]
-        if cfg.syslog:
-            recover.append("--syslog")
-        self.argv = [SHELL, "-c", GUARDIAN_SCRIPT, PROG + "-guardian", marker] + recover
+        self.due = None                   # monotonic time the window's timer fires, if armed
+        self.changed = WakePipe()         # tells the watcher of a new guardian
 
     def start(self):
-        """False (logged) if it cannot start now; tried again at the next /sync."""
+        """False (logged) if it cannot start now; the watcher tries again."""
+        with self.lock:
+            return self._start()
+
+    def _start(self):
         if self.write_fd is not None:
             os.close(self.write_fd)
             self.write_fd = None
         try:
             read_fd, write_fd = os.pipe()
         except OSError as err:
-            log.error("guardian not started: cannot create a pipe: %s", err.strerror)
+            log.alert("guardian not started: cannot create a pipe: %s", err.strerror)
             return False
         try:
             self.proc = start_process(self.argv, self.env, read_fd, 2)
         except OSError as err:
             os.close(write_fd)
-            log.error("guardian not started: %s", err.strerror)
+            log.alert("guardian not started: %s", err.strerror)
             return False
         finally:
             os.close(read_fd)
+        os.set_blocking(write_fd, False)  # never wait on it: a full pipe is a stuck guardian
         self.write_fd = write_fd
         set_oom_score(GUARDIAN_OOM_SCORE, self.proc.pid)
         log.debug("guardian started: process %d", self.proc.pid)
+        if self.due is not None:          # a window is open: the new one's timer too
+            self._send("arm %d\n" % max(1, int(self.due - time.monotonic() + 0.999)))
+        self.changed.poke()
         return True
 
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
     def ensure(self):
-        """Before a window opens: the guardian must be there to release it."""
-        if self.proc is not None and self.proc.poll() is None:
-            return
+        """Before a window opens: the guardian must be there to release it.
+        True when it is."""
+        with self.lock:
+            if self.alive():
+                return True
+            self._say_gone()
+            return self._start()
+
+    def _say_gone(self):
         if self.proc is not None:
-            log.warning("the guardian (process %d) is gone (%s): starting a new one",
-                        self.proc.pid, describe_exit(self.proc.returncode))
-        self.start()
+            log.alert("the guardian (process %d) is gone (%s): starting a new one",
+                      self.proc.pid, describe_exit(self.proc.returncode))
+
+    def arm(self, seconds_left):
+        """The window must be released within seconds_left, or this process is killed."""
+        with self.lock:
+            self.due = time.monotonic() + seconds_left
+            self._send("arm %d\n" % max(1, int(seconds_left + 0.999)))
+
+    def disarm(self):
+        with self.lock:
+            self.due = None
+            self._send("disarm\n")
+
+    def _send(self, line):
+        if self.write_fd is None:
+            return
+        try:
+            os.write(self.write_fd, line.encode())
+        except OSError:                   # gone (EPIPE): the watcher starts another
+            pass
+
+    def watch(self):
+        """Start the thread that starts a new guardian as soon as one dies."""
+        threading.Thread(target=self._watch, name="guardian", daemon=True).start()
+
+    def _watch(self):
+        # A pipe's write end reports POLLERR once its reader is gone: the
+        # guardian's death wakes this thread, no polling.
+        while True:
+            try:
+                self._watch_once()
+            except Exception as err:      # noqa: BLE001 (the watcher must not end)
+                log.error("guardian watcher: %r", err)
+                time.sleep(1.0)
+
+    def _watch_once(self):
+        with self.lock:
+            fd = self.write_fd
+        poller = select.poll()
+        poller.register(self.changed, select.POLLIN)
+        if fd is not None:
+            poller.register(fd, 0)
+        try:
+            events = poller.poll(None if fd is not None else 1000)
+        except InterruptedError:
+            return
+        self.changed.drain()
+        if fd is not None and not any(ready == fd for ready, _ in events):
+            return                        # a new guardian: watch its pipe instead
+        with self.lock:
+            if self.write_fd != fd:
+                return
+            if fd is not None:
+                try:
+                    self.proc.wait(KILL_WAIT)
+                except subprocess.TimeoutExpired:
+                    return                # closed its pipe, not dead yet: look again
+                self._say_gone()
+            if self._start():
+                return
+        time.sleep(1.0)                   # could not start one: try again in a second
 
 
 def interpreter_flags():
@@ -3187,17 +3720,37 @@ def read_oom_score():
 def lower_oom_score():
     """Make the daemon one of the OOM killer's last choices (a guest frozen
     under memory pressure is when it strikes), unless already lower.  Commands
-    get the score back that synchook had (see spawn)."""
+    get the score back that synchook had (see spawn).  Returns why it could
+    not, or None (said once the start-up is over: not before a bad setting's
+    one line)."""
     before = read_oom_score()
     if before is None or before <= DAEMON_OOM_SCORE or os.geteuid() != 0:
-        return
+        return None
     if set_oom_score(DAEMON_OOM_SCORE):
         COMMAND_OOM_SCORE[:] = [before]
         log.debug("oom_score_adj %d -> %d (commands keep %d)", before, DAEMON_OOM_SCORE, before)
-    else:
-        log.debug("cannot lower oom_score_adj below %d here (no CAP_SYS_RESOURCE?): the OOM "
-                 "killer may choose synchook, and its guardian would then release the window",
-                 before)
+        return None
+    return ("cannot lower oom_score_adj below %d here (no CAP_SYS_RESOURCE: a container?): "
+            "the OOM killer may choose synchook; its guardian would then release the window"
+            % before)
+
+
+def forbid_core_dumps():
+    """No core dump from this process: a crash in a window would write it to
+    the frozen root (a file, or /var for systemd-coredump) and wait there in
+    the kernel, unkillable, its pipe to the guardian still open.  RLIMIT_CORE
+    1 stops both kinds: no ELF core fits in one byte, and the kernel refuses a
+    pipe core_pattern that value.  Commands get the limit back (see spawn)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if soft == 1:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (1, 1 if hard == 0 else hard))
+    except (OSError, ValueError) as err:
+        log.alert("cannot turn core dumps off (RLIMIT_CORE): %s: a crash during a window "
+                  "could hang writing its core to the frozen filesystem", err)
+        return
+    COMMAND_CORE_LIMIT[:] = [(soft, hard)]
 
 
 # ---------------------------------------------------------------------------
@@ -4701,7 +5254,8 @@ def cmd_thaw(argv):
 
 def cmd_status(args, cfg):
     """Ask the daemon named by the config.  Loopback may always read /status,
-    even when --allow leaves it out."""
+    even when --allow leaves it out.  Then look for filesystems frozen now
+    that the daemon does not list as its own."""
     host = cfg.listen or "127.0.0.1"
     if host in ("::", "0.0.0.0"):
         host = "127.0.0.1"
@@ -4711,15 +5265,57 @@ def cmd_status(args, cfg):
     conn = client_connection(scheme, host, cfg.port, 10)
     status, text, _, _ = xo_request(conn, path, 10, {})
     conn.close()
+    if args.json and status == 200:
+        print(text)
+        return 0
+    recorded = set()
     if status != 200:
         print("synchook on %s port %d: %s" % (host, cfg.port,
                                              text if status is None else "%d %s" % (status, text)))
-        return 1
-    if args.json:
-        print(text)
-        return 0
-    print(describe_status(json.loads(text)))
-    return 0
+    else:
+        state = json.loads(text)
+        recorded = set(frozen["mount"] for frozen in state.get("frozen") or [])
+        print(describe_status(state))
+    unrecorded = [point for point in frozen_now() if point not in recorded]
+    for point in unrecorded:
+        print("FROZEN          %s: frozen now, and no window of this synchook's says so "
+              "('synchook thaw' releases it)" % point)
+    return 0 if status == 200 and not unrecorded else 1
+
+
+PROBE_ATTRIBUTE = "user.synchook-frozen-probe"   # never set: removing it changes nothing
+FROZEN_PROBE_WAIT = 0.5                # seconds a probe may take before its filesystem
+                                       # counts as frozen
+
+
+def frozen_now(wait=FROZEN_PROBE_WAIT):
+    """The local filesystems frozen now, found without freezing or thawing
+    anything: a child process per filesystem removes an extended attribute
+    that does not exist, which first asks for write access, and that waits
+    while the filesystem is frozen.  A child still waiting after `wait`
+    seconds means frozen; it ends by itself at the thaw (pid 1 reaps it)."""
+    plan, _ = freeze_plan(read_mounts(), "all")
+    probes = {}
+    for mount in plan:
+        try:
+            pid = os.fork()
+        except OSError:
+            continue
+        if pid == 0:                       # the probe: nothing of Python's runs after
+            try:
+                os.closerange(0, 3)        # holds no pipe of whoever reads our output
+                os.removexattr(mount.point, PROBE_ATTRIBUTE)
+            except OSError:
+                pass
+            os._exit(0)
+        probes[pid] = mount.point
+    deadline = time.monotonic() + wait
+    while probes and time.monotonic() < deadline:
+        for pid in list(probes):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                del probes[pid]
+        time.sleep(0.01)
+    return sorted(probes.values())
 
 
 def describe_status(state):
@@ -4929,6 +5525,7 @@ def install_signal_handlers(waker):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGQUIT, on_signal)     # ^\ : a clean stop, never a core dump
     signal.signal(signal.SIGHUP, on_hangup)
     waker.install()
 
@@ -4964,20 +5561,28 @@ def cmd_serve(cfg):
     waker = Waker()
     install_signal_handlers(waker)
     # Held for life (never closed): a recovery waits while this run lives.
-    lock = take_runtime_dir(cfg.runtime_dir, "serve", lambda: waker.stopping)  # noqa: F841
+    lock = take_runtime_dir(cfg.runtime_dir, "serve", lambda: waker.stopping)
     if lock is None:
         return 0
-    lower_oom_score()
+    log.attach_spill(cfg.runtime_dir)
+    forbid_core_dumps()
+    oom_problem = lower_oom_score()
     phases = Phases(cfg)
-    guardian = Guardian(cfg, os.path.join(cfg.runtime_dir, MARKER_FILE), phases.base_env)
-    window = SyncWindow(phases, cfg.max_hold, cfg.runtime_dir, guardian)
+    guardian = Guardian(cfg, phases.base_env)
+    marker = Marker(cfg.runtime_dir, lock)
+    window = SyncWindow(phases, cfg.max_hold, marker, guardian)
     # Recovery first: anything before it (a key written to --state-dir, a
     # certificate read, a log line written to a file) could block on the
     # filesystem the dead run froze.
     window.recover()
-    window.prepare_marker()
+    try:
+        marker.prepare()
+    except OSError as err:
+        log.alert("cannot make the window marker %s: %s; no window opens until it can be "
+                  "made (/sync answers 500)", marker.path, err.strerror)
     log.release()
     guardian.start()
+    guardian.watch()                     # a guardian that dies is started again at once
     window.watchdog.start()              # retries a post phase that could not start
     try:
         if cfg.secret_from_flag:
@@ -5003,6 +5608,8 @@ def cmd_serve(cfg):
              " hold=%r" % cfg.hold if cfg.hold else "",
              " hooks-dir=%s" % cfg.hooks_dir if cfg.hooks_dir else "", freeze_rule(cfg),
              seconds(cfg.timeout), seconds(cfg.max_hold), access_rule(cfg))
+    if oom_problem:
+        log.alert("%s", oom_problem, level=30)
     if not cfg.secret and not cfg.allow:
         log.warning("anyone who can reach port %d can run the hooks: set --allow to XO's "
                     "address (and a secret, --secret-file)", port)
@@ -5017,7 +5624,7 @@ def cmd_serve(cfg):
     notify_systemd("STOPPING=1")
     released = window.shutdown()
     if released:
-        window.remove_marker()           # the empty one: nothing is left behind
+        marker.remove()                  # the closed one: nothing is left behind
     log.info("stopped" if released else "stopped with the post phase owed")
     return 0 if released and served else 1
 
@@ -5054,6 +5661,7 @@ def cmd_recover(argv):
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
         signal.signal(sig, carry_on)
     prepare_for_commands()
+    forbid_core_dumps()
     try:
         return recover_runtime_dir(runtime_dir)
     finally:
@@ -5066,22 +5674,25 @@ def recover_runtime_dir(runtime_dir):
         log.info("recover: %s does not exist: no window is owed", runtime_dir)
         return 0
     private_dir(runtime_dir, "--runtime-dir")
-    if lock_runtime_dir(runtime_dir, "recover", LOCK_WAIT) is None:
+    lock = lock_runtime_dir(runtime_dir, "recover", LOCK_WAIT)
+    if lock is None:
         log.info("recover: a running synchook holds %s: the window is its own", runtime_dir)
         return 0
+    log.attach_spill(runtime_dir)
     cfg = Config()
     cfg.sync = cfg.post_sync = cfg.hold = cfg.hooks_dir = cfg.freeze = cfg.freeze_under = ""
     cfg.hook_words = ["sync", "post-sync"]
+    cfg.skip_freeze_on_failure = False
     cfg.timeout = None                   # the marker's
-    window = SyncWindow(Phases(cfg), XO_TIMEOUT, runtime_dir)
+    window = SyncWindow(Phases(cfg), XO_TIMEOUT, Marker(runtime_dir, lock))
     if not window.recover("recover", settings=False):
-        if marker_present(window.marker):
+        if marker_present(window.marker.path):
             return 1                     # an older synchook's marker: the next start's
-        log.info("recover: no window is owed (%s)", window.marker)
+        log.info("recover: no window is owed (%s)", window.marker.path)
         return 0
     if not window.retry_owed("recover", RECOVER_RETRY):
-        log.error("recover: the post phase is still owed (%s): the next start runs it "
-                  "(marker %s)", window.owed, window.marker)
+        log.alert("recover: the post phase is still owed (%s): the next start runs it "
+                  "(marker %s)", window.owed, window.marker.path)
         return 1
     return 0
 
@@ -5156,7 +5767,7 @@ def main(argv=None):
         line = "%s: error: %s" % (PROG, err)
         sys.stderr.write(line + "\n")
         if (command == "serve" or parse_only) and wants_syslog(args):
-            syslog_or_file().write([(40, time.time(), escape(line))])
+            syslog_or_file().write([(40, time.time(), escape(line), False)])
         return 2
     finally:
         log.close()

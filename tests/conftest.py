@@ -151,13 +151,13 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def guardian_pid(self, timeout=10):
-        """The pid of this daemon's guardian (a child shell named synchook-guardian)."""
+        """The pid of this daemon's guardian (a child shell named window-guardian)."""
         deadline = time.monotonic() + timeout
         while True:
             for pid in children(self.proc.pid):
                 try:
                     with open("/proc/%d/cmdline" % pid, "rb") as handle:
-                        if b"synchook-guardian" in handle.read():
+                        if synchook.GUARDIAN_NAME.encode() in handle.read():
                             return pid
                 except OSError:
                     pass

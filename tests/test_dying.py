@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+import synchook
 from conftest import (SYNCHOOK, assert_frozen, assert_thawed, children, free_port,
                       interpreters, run, start_writer, window_open)
 
@@ -98,16 +99,46 @@ def test_sigkill_while_frozen_thaws_within_2_s(start, rec, loops, python):
     assert_thawed(a)
 
 
-def test_guardian_lost_while_serving_is_started_again(start, rec):
+def new_guardian(d, old):
+    """The guardian that replaced `old` (which the daemon has reaped by then)."""
+    assert wait_until(lambda: d.guardian_pid() != old, 5), d.log()
+    return d.guardian_pid()
+
+
+def test_guardian_lost_while_serving_is_started_again_at_once(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
     first = d.guardian_pid()
     os.kill(first, signal.SIGKILL)
-    assert wait_until(lambda: open("/proc/%d/stat" % first).read().split(") ")[1][0] == "Z", 5)
-    assert d.get("/sync") == (200, "Ok")
     d.wait_log(r"the guardian \(process %d\) is gone \(command killed by signal 9\): "
-               r"starting a new one" % first)
-    assert d.guardian_pid() != first
+               r"starting a new one" % first)       # at once, not at the next /sync
+    new_guardian(d, first)
+    assert d.get("/sync") == (200, "Ok")
     assert released_after_kill(d, rec, ["sync", "post"]) < 2.0
+
+
+def test_guardian_lost_during_a_window_is_replaced_and_releases(start, rec):
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
+    assert d.get("/sync") == (200, "Ok")
+    first = d.guardian_pid()
+    os.kill(first, signal.SIGKILL)
+    new_guardian(d, first)
+    assert released_after_kill(d, rec, ["sync", "post"]) < 2.0
+
+
+def test_pkill_f_synchook_spares_the_guardian(start, rec, tmp_path):
+    """`pkill -9 -f synchook` (scoped here to this test's daemon): the guardian's
+    command line names no synchook, so it survives and releases the window."""
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
+    assert d.get("/sync") == (200, "Ok")
+    guardian = d.guardian_pid()
+    mine = [d.proc.pid] + children(d.proc.pid)
+    matched = [pid for pid in mine
+               if b"synchook" in open("/proc/%d/cmdline" % pid, "rb").read()]
+    assert d.proc.pid in matched and guardian not in matched, matched
+    for pid in matched:                                # what pkill -9 -f synchook does
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: rec.lines() == ["sync", "post"], 10), d.log()
+    assert wait_until(lambda: not window_open(d.runtime), 5)
 
 
 def test_guardian_ignores_the_signals_that_stop_a_service(start, rec):
@@ -238,7 +269,7 @@ class FrozenRoot:
 def kill_guardian_and(proc):
     """SIGKILL the guardian (a child of the daemon, which is exec'd by sh), then the daemon."""
     for pid in children(proc.pid):
-        if b"synchook-guardian" in open("/proc/%d/cmdline" % pid, "rb").read():
+        if synchook.GUARDIAN_NAME.encode() in open("/proc/%d/cmdline" % pid, "rb").read():
             os.kill(pid, signal.SIGKILL)
     proc.kill()
     proc.wait(5)
@@ -340,7 +371,7 @@ def test_freeze_of_a_listed_mount_replaced_by_tmpfs_fails(start, loops):
     loops.points.append(a)
     status, text = d.get("/sync")
     assert status == 500 and text == "freeze %s: tmpfs cannot be frozen (the filesystem has " \
-                                     "no freeze)" % a, text
+                                     "no freeze); nothing frozen" % a, text
     assert d.get("/post-sync") == (200, "Ok")
 
 

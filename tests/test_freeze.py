@@ -79,7 +79,7 @@ def test_sigkill_while_frozen_restart_thaws_first(start, loops, rec):
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"))
     assert d.get("/sync") == (200, "Ok")
     marker = read_marker(d.runtime)
-    assert marker["frozen"] == [a]
+    assert [entry["point"] for entry in marker["freeze"]] == [a]
     d.kill_all()                                      # the guardian too
     assert_frozen(a)                                  # nobody left to thaw it
     d2 = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"),
@@ -103,21 +103,27 @@ def test_bind_mount_of_a_frozen_filesystem_counts_as_done(start, loops):
     assert_thawed(str(bind))
 
 
-def test_mount_gone_since_start_fails_and_freezes_nothing(start, loops):
+def test_mount_gone_since_start_fails_and_freezes_the_others(start, loops):
+    """XO snapshots whatever /sync answers: the mounts that can be frozen are,
+    and the answer names what failed and what was frozen anyway."""
     a, b = loops.add(), loops.add()
     d = start("--freeze", "%s,%s" % (a, b), "--sync", "true")
     assert run(["umount", b]).returncode == 0
     loops.points.remove(b)
     status, text = d.get("/sync")
-    assert status == 500 and text == "freeze %s: not a mount point" % b
-    assert_thawed(a)                                   # never frozen
+    assert (status, text) == (500, "freeze %s: not a mount point; frozen anyway: %s" % (b, a))
+    assert_frozen(a)
+    d.wait_log(r"warning: sync phase failed: freeze %s: not a mount point; frozen anyway: %s"
+               % (b, a))
     assert d.get("/post-sync") == (200, "Ok")
+    assert_thawed(a)
 
 
-def test_an_error_midway_thaws_what_was_frozen(loops):
+def test_an_error_midway_freezes_the_rest_anyway(loops):
     """FIFREEZE failing (EIO) on the second filesystem, after the first froze:
-    made to fail by a stand-in ioctl, the only way to get such an error here."""
-    a, b = loops.add(), loops.add()
+    made to fail by a stand-in ioctl, the only way to get such an error here.
+    The first stays frozen, the third is frozen too, the thaw thaws both."""
+    a, b, c = loops.add(), loops.add(), loops.add()
     real = synchook.fcntl
 
     class FailSecond:
@@ -131,13 +137,18 @@ def test_an_error_midway_thaws_what_was_frozen(loops):
                     raise OSError(5, "Input/output error")
             return real.ioctl(fd, request, arg)
 
+    freezer = synchook.Freezer([a, b, c])
     synchook.fcntl = FailSecond
     try:
-        result = synchook.Freezer([a, b]).freeze()
+        result = freezer.freeze()                       # c, b, a: the reverse of mount order
     finally:
         synchook.fcntl = real
-    assert not result.ok and result.reason == "freeze %s: Input/output error" % a
-    assert_thawed(b)                                    # frozen first, thawed again
+    assert not result.ok and result.reason == "freeze %s: Input/output error" % b
+    assert freezer.summary() == "frozen anyway: %s, %s" % (c, a)
+    assert_frozen(c)
+    assert_frozen(a)
+    assert freezer.thaw().ok
+    assert_thawed(c)
     assert_thawed(a)
 
 

@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -188,3 +189,98 @@ def test_syslog_gets_a_bad_setting_too(tmp_path):
         assert any(m.startswith("<27>") and "--timeout never" in m for m in messages), messages
     finally:
         receiver.close()
+
+
+# The log in a file: held while a window is open, never stopped -------------------------
+
+def daemon_logging_to_file(tmp_path, *args):
+    """synchook with its stderr in a file (as under SysV or rc.local): (proc, port, path)."""
+    port = free_port()
+    path = tmp_path / "synchook.log"
+    with open(str(path), "ab") as log:
+        proc = subprocess.Popen([sys.executable, SYNCHOOK, "--port", str(port), "--listen",
+                                 "127.0.0.1", "--tls", "off", "--runtime-dir",
+                                 str(tmp_path / "run")] + list(args),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while "listening on" not in path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+        time.sleep(0.02)
+    return proc, port, path
+
+
+def get(port, path):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode().strip()
+    finally:
+        conn.close()
+
+
+def test_log_in_a_file_never_stops_with_windows_back_to_back(tmp_path):
+    """XO snapshots twice in a row: the second /sync arrives while the first
+    window's post phase runs (a hold() right after a release()).  1.4.0's
+    writer ended there in about one round in three, and every later line was
+    lost."""
+    import threading
+    proc, port, path = daemon_logging_to_file(tmp_path, "--sync", "true",
+                                              "--post-sync", "sleep 0.05")
+    try:
+        for round_ in range(25):
+            assert get(port, "/sync")[0] == 200
+            second = threading.Thread(target=lambda: get(port, "/sync"))
+            post = threading.Thread(target=lambda: get(port, "/post-sync"))
+            post.start()
+            time.sleep(0.02)
+            second.start()
+            post.join(10)
+            second.join(10)
+            assert get(port, "/post-sync")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = path.read_text()
+    assert text.count("window closed (/post-sync): Ok") == 50, text[-3000:]
+    assert "SIGTERM received: shutting down" in text and text.rstrip().endswith("stopped"), \
+        text[-2000:]
+
+
+def test_lines_held_in_a_window_survive_a_sigkill(tmp_path):
+    """The log in a file is held while a window is open; the lines wait in the
+    runtime dir (tmpfs), so the guardian's recovery writes them out after a
+    SIGKILL."""
+    proc, port, path = daemon_logging_to_file(tmp_path, "--sync", "echo held-line-marker",
+                                              "--post-sync", "true")
+    try:
+        assert get(port, "/sync") == (200, "Ok")
+        time.sleep(0.3)
+        assert "sync| held-line-marker" not in path.read_text()    # held: a window is open
+        proc.kill()
+        proc.wait(5)
+        deadline = time.monotonic() + 10
+        while "window closed (recover): Ok" not in path.read_text():
+            assert time.monotonic() < deadline, path.read_text()
+            time.sleep(0.05)
+        text = path.read_text()
+        assert "sync| held-line-marker" in text, text
+        assert "(the lines above were held by a synchook that ended before it could write " \
+               "them)" in text
+        assert text.index("sync| held-line-marker") < text.index("window closed (recover)")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_journal_lines_of_a_window_carry_their_own_time(start):
+    """journald blocks on a frozen / and stamps lines when it reads them, after the
+    thaw: the lines logged while a window is open carry synchook's own time."""
+    d = start("--sync", "true", "--post-sync", "true", env={"JOURNAL_STREAM": "8:1234"})
+    assert d.get("/sync") == (200, "Ok")
+    d.wait_log(r"(?m)^<6>\[\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d\] window opened by 127\.0\.0\.1$")
+    assert d.get("/post-sync") == (200, "Ok")
+    d.wait_log(r"(?m)^<6>127\.0\.0\.1 GET /post-sync 200")        # released: plain again

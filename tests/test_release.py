@@ -446,7 +446,7 @@ def test_log_writer_survives_a_failing_sink():
             self.calls += 1
             if self.calls == 1:
                 raise RuntimeError("boom")
-            self.lines.extend(text for _, _, text in items)
+            self.lines.extend(item[2] for item in items)
             return len(items)
 
     log = synchook.Log()

@@ -7,6 +7,7 @@ import stat
 import threading
 import time
 
+import synchook
 from conftest import read_marker, run, window_open
 
 
@@ -152,8 +153,9 @@ def test_marker_empty_when_idle(start, rec):
     assert window_open(d.runtime)
     assert d.get("/post-sync")[0] == 200
     assert not window_open(d.runtime)
-    st = os.lstat(marker)                              # kept, empty, for the next window
-    assert stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_mode & 0o077 == 0
+    st = os.lstat(marker)                # kept, closed and its space allocated, for the next
+    assert stat.S_ISREG(st.st_mode) and st.st_size == synchook.MARKER_SPACE   # window
+    assert st.st_mode & 0o077 == 0 and open(marker, "rb").read(1) == b"\n"
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
     assert not os.path.lexists(marker)                 # a clean stop leaves nothing
