@@ -134,6 +134,7 @@ SYSLOG_FACILITY = 3                # daemon
 CERT_FILE = "cert.pem"             # names inside --state-dir
 KEY_FILE = "key.pem"
 MARKER_FILE = "window.json"        # inside --runtime-dir: its first line names the open window
+DEADLINE_FILE = "deadline"         # inside --runtime-dir: the open window's, for the guardian
 SPILL_FILE = "log.held"            # inside --runtime-dir: log lines held while a window is open
 SPILL_MAX = 1 << 20                # bytes of held lines kept there; more are counted as dropped
 ENV_CACHE = 16                     # commands' environments kept (Phases.env)
@@ -1701,11 +1702,13 @@ def reset_ignored_signals():
             pass
 
 
-def start_process(argv, env, stdin, output):
+def start_process(argv, env, stdin, output, stdout=None):
     """argv started in a new session (its own process group, no terminal),
-    stdin and stdout+stderr on the given descriptors, cwd the daemon's (/)."""
+    stdin and stdout+stderr on the given descriptors (stdout on its own if
+    given), cwd the daemon's (/)."""
+    stdout = output if stdout is None else stdout
     if USE_POSIX_SPAWN[0]:
-        actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, output, 1),  # novermin
+        actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),  # novermin
                    (os.POSIX_SPAWN_DUP2, output, 2)]  # novermin
         try:
             # Python ignores SIGPIPE and SIGXFSZ; a command gets the defaults, as
@@ -1718,7 +1721,7 @@ def start_process(argv, env, stdin, output):
             return Child(pid, argv)
         except NotImplementedError:          # no POSIX_SPAWN_SETSID in this libc
             USE_POSIX_SPAWN[0] = False
-    return subprocess.Popen(argv, stdin=stdin, stdout=output, stderr=output, env=env,
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=output, env=env,
                             cwd="/", start_new_session=True, close_fds=True)
 
 
@@ -2084,10 +2087,11 @@ class Phases:
         phases.freezer, phases.timeout, phases.hold = freezer, timeout, None
         return phases
 
-    def sync_budget(self):
-        """The longest the sync phase can take: each command's timeout."""
-        steps = len(self.hooks()) + bool(self.hold) + bool(self.cfg.sync) + bool(self.freezer)
-        return max(1, steps) * self.timeout
+    def sync_budget(self, plan):
+        """The longest the sync phase of a window with this post plan can
+        take: each of its commands' timeout, and one more for the freeze."""
+        hooks = sum(1 for label, _ in plan if label.startswith("post-sync hook "))
+        return (hooks + bool(self.hold) + bool(self.cfg.sync) + 1) * self.timeout
 
     def env(self, phase, client, sync_result=None):
         """A command's environment: synchook's own, less the secret, plus the
@@ -2521,25 +2525,30 @@ def thaw_mount(mount):
 
 def thaw_fd(fd, close=True):
     """FITHAW on fd, verified: "thawed", "not frozen" or why not.  Verified
-    means a second FITHAW finds it not frozen (EINVAL): a filesystem frozen by
-    this FIFREEZE is thawed by one FITHAW."""
+    means a second FITHAW finds it not frozen: a filesystem frozen by one
+    FIFREEZE is thawed by one FITHAW."""
     try:
-        try:
-            fcntl.ioctl(fd, FITHAW, 0)
-        except OSError as err:
-            if err.errno == errno.EINVAL:
-                return "not frozen"
-            return "cannot thaw: %s" % err.strerror
-        try:
-            fcntl.ioctl(fd, FITHAW, 0)
-        except OSError as err:
-            if err.errno == errno.EINVAL:
-                return "thawed"
-            return "thawed, not verified: %s" % err.strerror
-        return "thawed twice (frozen twice?), not verified"
+        first = fithaw(fd)
+        if first == "not frozen":
+            return first
+        if first:
+            return "cannot thaw: %s" % first
+        second = fithaw(fd)
+        if second == "not frozen":
+            return "thawed"
+        return "thawed, not verified: %s" % (second or "still frozen after a thaw")
     finally:
         if close:
             os.close(fd)
+
+
+def fithaw(fd):
+    """One FITHAW: None when it thawed, "not frozen" (EINVAL), or the error."""
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return None
+    except OSError as err:
+        return "not frozen" if err.errno == errno.EINVAL else err.strerror
 
 
 def thaw_identities(entries, tries=THAW_TRIES):
@@ -2600,11 +2609,11 @@ class SyncWindow:
     retries a post phase that could not start (or a thaw not verified).  The
     window's Marker in the runtime dir and a live guardian are the two things
     a window cannot open without: the marker lets the guardian or the next
-    start close a window this process could not, and the guardian (told the
-    window's deadline at each change) closes it if this process dies, stops or
-    hangs.
+    start close a window this process could not, and the guardian closes it
+    when this process dies; the guardian's timer, told the window's deadline
+    at each change, kills this process if it is stopped or hung past it.
 
-    States:  idle --/sync: marker written, guardian armed--> syncing
+    States:  idle --/sync: marker written, guardian alive and told--> syncing
              syncing --sync phase over (whatever happened)--> open (deadline set)
              open --/post-sync, max-hold, shutdown--> closing: the post plan runs
              closing --every step started, every thaw verified--> idle
@@ -2683,7 +2692,7 @@ class SyncWindow:
                     if self.deadline is None or deadline < self.deadline:
                         self.watchdog_stale = True   # else it wakes in time anyway
                     self.deadline = deadline
-                self._arm_guardian(deadline - time.monotonic())
+                self._set_ceiling(deadline - time.monotonic())
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.window_answer
             problem = self._open(client)
@@ -2700,7 +2709,7 @@ class SyncWindow:
                     self.syncing = False
                     self.deadline = time.monotonic() + self.max_hold
                     self.watchdog_stale = True
-                self._arm_guardian(self.max_hold)
+                self._set_ceiling(self.max_hold)
             self.window_answer = self.sync_answer(steps)
             self._record("sync", steps)
             return self.window_answer
@@ -2792,16 +2801,18 @@ class SyncWindow:
         # No file is written from here to the window's close: a sync step may
         # freeze any filesystem, the one under the log included.
         log.hold()
-        self._arm_guardian(self.phases.sync_budget() + self.max_hold)
+        if self.guardian is not None:
+            self.guardian.open_window(self.phases.sync_budget(plan) + self.max_hold +
+                                      GUARDIAN_GRACE)
         log.info("window opened by %s", client)
         return None
 
-    def _arm_guardian(self, seconds):
+    def _set_ceiling(self, seconds):
         """The guardian kills this process if the window is still open
         GUARDIAN_GRACE after `seconds`: a daemon stopped or hung (SIGSTOP, a
         debugger, a deadlock) cannot keep the guest frozen past its ceiling."""
         if self.guardian is not None:
-            self.guardian.arm(seconds + GUARDIAN_GRACE)
+            self.guardian.move_deadline(seconds + GUARDIAN_GRACE)
 
     def _close(self, client, why):
         """Run what is owed of the post phase; the window closes once every
@@ -2814,7 +2825,7 @@ class SyncWindow:
         status = self.window_answer[0] if self.window_answer else None
         sync_result = ("unknown" if client in ("restart", "recover") else
                        "ok" if status == 200 else "failed")
-        self._arm_guardian(len(self.post_rest) * self.window_phases.timeout)
+        self._set_ceiling(len(self.post_rest) * self.window_phases.timeout)
         results, rest = self.window_phases.run_post_steps(self.post_rest, client, sync_result,
                                                           self.marker.add_post_group)
         owed_labels = set(label for label, _ in rest)
@@ -2832,7 +2843,7 @@ class SyncWindow:
                 self.deadline = time.monotonic() + wait
                 self.cond.notify_all()
             self.marker.add({"post_done": self.post_done})
-            self._arm_guardian(wait + len(rest) * self.window_phases.timeout)
+            self._set_ceiling(wait + len(rest) * self.window_phases.timeout)
             log.alert("post phase (%s, try %d) %s: %s; still owed, next try in %s s",
                       why, self.tries, "not done" if failed.label == "thaw" else
                       "could not start", reason, seconds(wait))
@@ -2848,7 +2859,7 @@ class SyncWindow:
             self.watchdog_stale = True
         self.marker.close_window()
         if self.guardian is not None:
-            self.guardian.disarm()
+            self.guardian.close_window()
         self._record("post-sync", steps)
         status, text = phase_answer(steps)
         log.info("window closed (%s): %s", why, text)
@@ -2896,9 +2907,10 @@ class SyncWindow:
                 leftover.thaw()
             return False
         log.warning("found %s (window opened %s by %s, process %s): the previous run ended "
-                    "with a window open; running its post phase (%s)", self.marker.path,
-                    marker_field(info, "opened_at"), marker_field(info, "client"),
-                    marker_field(info, "pid"), who)
+                    "with a window open, for %s s now; running its post phase (%s)",
+                    self.marker.path, marker_field(info, "opened_at"),
+                    marker_field(info, "client"), marker_field(info, "pid"),
+                    open_for(info), who)
         if leftover is not None:
             leftover.thaw()
         timeout = info.get("timeout")
@@ -3049,6 +3061,7 @@ class Marker:
         except (OSError, ConfigError) as err:
             return "cannot make the window marker %s again: %s" % (
                 self.path, getattr(err, "strerror", None) or err)
+        log.attach_spill(self.runtime_dir)       # held lines, in the new runtime dir too
         return None
 
     def open_window(self, client, opened_at, plan, timeout):
@@ -3142,6 +3155,9 @@ class Marker:
                 self._close_fd()
                 self.fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
                 self.end = len(data)
+                if not data.endswith(b"\n"):       # a torn last line: ours start after it
+                    os.pwrite(self.fd, b"\n", self.end)
+                    self.end += 1
             except OSError:
                 pass
         os.close(fd)
@@ -3151,8 +3167,8 @@ class Marker:
 
 
 def read_marker_text(fd):
-    """The lines of the open window (up to the first blank line), b"" if none;
-    read whole, however long."""
+    """The lines of the open window (up to the first blank line, each with its
+    newline), b"" if none; read whole, however long."""
     chunks = []
     while True:
         chunk = os.read(fd, MARKER_SPACE)
@@ -3164,7 +3180,8 @@ def read_marker_text(fd):
     data = b"".join(chunks)
     if data.startswith(b"\n"):
         return b""
-    return data.split(b"\n\n", 1)[0]
+    end = data.find(b"\n\n")
+    return data if end < 0 else data[:end + 1]
 
 
 def marker_present(path):
@@ -3295,6 +3312,14 @@ def marker_field(info, name):
     return escape(value, 80)
 
 
+def open_for(info):
+    """How long the marker's window has been open, in whole seconds, or "?"."""
+    opened = info.get("opened_at") if isinstance(info, dict) else None
+    if not isinstance(opened, (int, float)) or isinstance(opened, bool):
+        return "?"
+    return "%d" % max(0, time.time() - opened)
+
+
 def boot_id(cache=[]):
     """This boot's id (read once: it does not change while we run)."""
     if not cache:
@@ -3315,6 +3340,11 @@ def proc_stat(pid):
         return fields[0].decode("ascii", "replace"), int(fields[2]), int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def boot_seconds():
+    """Seconds since boot, as /proc/uptime counts them (the guardian's clock)."""
+    return time.clock_gettime(CLOCK_BOOTTIME)
 
 
 def boot_ticks():
@@ -3502,63 +3532,71 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
 # The guardian: the release does not depend on synchook's own survival --------
 
 # The guardian is a shell, the smallest process at hand (its memory counts in
-# synchook's), reading a pipe whose other end only the daemon holds.
-# - The daemon tells it each window's deadline ("arm SECONDS", "disarm"): past
-#   it, a timer in the guardian SIGKILLs the daemon, which cannot then keep the
-#   guest frozen however it is stuck (SIGSTOP, a debugger, a deadlock).
-# - When the daemon is gone, however it died (SIGKILL, the OOM killer, a crash,
-#   the timer), read returns at end of file.  If a window's marker is there,
-#   the shell becomes a recovery (`synchook recover`): it thaws, ends the sync
-#   commands' groups and runs the post phase the marker describes, under the
-#   runtime dir's lock.
+# synchook's), with two pipes whose other ends only the daemon holds.
+# - Its stdin: when the daemon is gone, however it died (SIGKILL, the OOM
+#   killer, a crash, its timer), read returns at end of file.  If a window's
+#   marker is there, the shell becomes a recovery (`synchook recover`): it
+#   thaws, ends the sync commands' groups and runs the post phase the marker
+#   describes, under the runtime dir's lock.
+# - Its stdout (it writes nothing) wakes its timer, a subshell started with
+#   it, when a window opens.  The timer then reads the window's deadline from the deadline file
+#   (seconds since boot, as /proc/uptime counts them; 0 once the window is
+#   closed) every 5 s at most, and SIGKILLs the daemon once past it: a daemon
+#   stopped (SIGSTOP, ^Z, a debugger) or hung cannot keep the guest frozen past
+#   the window's ceiling.  Idle, it waits on its pipe: no wake-up.  The daemon
+#   moves the deadline by rewriting the file, which costs the timer nothing.
 # Signals that stop a service are ignored: systemd (KillMode=process), OpenRC
 # and SysV send theirs to the daemon, and a terminal's ^C must not take the
 # safety net down with it.  Nothing in its command line names synchook (its
-# paths come by environment), so `pkill -f synchook` spares it.  Its timer
+# paths come by environment), so `pkill -f synchook` spares it.  The timer
 # writes nothing to stderr, which may be a file on a frozen filesystem, and
 # never names /dev/null for output (where it is missing, `>` would create it).
 GUARDIAN_SCRIPT = """trap '' HUP INT QUIT TERM
 daemon=$PPID
-timer=
-disarm() {
-    [ -z "$timer" ] || kill "$timer" 2>&-
-    timer=
-}
-while read -r word seconds; do
-    case $word in
-        arm)
-            disarm
-            (
-                trap 'kill "$sleeper"; exit 0' TERM
-                sleep "$seconds" & sleeper=$!
-                wait "$sleeper" || exit 0
+window_timer() {
+    trap 'kill "$sleeper" 2>&-; exit 0' TERM
+    while read -r _ <&3; do
+        while IFS= read -r due <"$SYNCHOOK_GUARDIAN_DEADLINE" && [ "${due:-0}" -gt 0 ]; do
+            read -r now _ </proc/uptime || exit 0
+            now=${now%%.*}
+            if [ "$now" -ge "$due" ]; then
                 printf '%s error: process %s had not released its window when due: killed by its guardian\\n' \\
                     "$(date +%Y-%m-%dT%H:%M:%S%z)" "$daemon" >>"$SYNCHOOK_GUARDIAN_SPILL"
                 kill -KILL "$daemon"
-            ) <&- >&- 2>&- &
-            timer=$! ;;
-        disarm) disarm ;;
-    esac
-done
-disarm
+                exit 0
+            fi
+            step=$((due - now))
+            [ "$step" -le 5 ] || step=5
+            sleep "$step" & sleeper=$!
+            wait "$sleeper" || exit 0
+        done
+    done
+}
+window_timer <&- 2>&- 3<&1 >&- &
+timer=$!
+read -r _ || :
+kill "$timer" 2>&-
 m=$SYNCHOOK_GUARDIAN_MARKER
 first=
 [ -f "$m" ] && IFS= read -r first <"$m"
 [ -n "$first" ] || [ -L "$m" ] || { [ -e "$m" ] && [ ! -f "$m" ]; } || exit 0
 exec "$SYNCHOOK_GUARDIAN_PYTHON" $SYNCHOOK_GUARDIAN_FLAGS "$SYNCHOOK_GUARDIAN_PROGRAM" recover \\
     --runtime-dir "$SYNCHOOK_GUARDIAN_RUNTIME_DIR" --log-level "$SYNCHOOK_GUARDIAN_LOG_LEVEL" \\
-    $SYNCHOOK_GUARDIAN_SYSLOG
+    $SYNCHOOK_GUARDIAN_SYSLOG >&2
 """
 
 
 class Guardian:
-    """The daemon's side of the guardian: start it, tell it each window's
-    deadline, and start it again at once if it dies (a thread waits for that)."""
+    """The daemon's side of the guardian: start it, tell its timer of each
+    window and move the window's deadline, and start it again at once if it
+    dies (a thread waits for that)."""
 
     def __init__(self, cfg, env):
+        self.deadline_path = os.path.join(cfg.runtime_dir, DEADLINE_FILE)
         self.env = dict(env)
         for name, value in (("MARKER", os.path.join(cfg.runtime_dir, MARKER_FILE)),
                             ("SPILL", os.path.join(cfg.runtime_dir, SPILL_FILE)),
+                            ("DEADLINE", self.deadline_path),
                             ("PYTHON", sys.executable),
                             ("FLAGS", " ".join(interpreter_flags())),
                             ("PROGRAM", PROGRAM[0]), ("RUNTIME_DIR", cfg.runtime_dir),
@@ -3568,8 +3606,10 @@ class Guardian:
         self.argv = [SHELL, "-c", GUARDIAN_SCRIPT, GUARDIAN_NAME]
         self.lock = threading.Lock()      # one start at a time: a /sync, or the watcher
         self.proc = None
-        self.write_fd = None
-        self.due = None                   # monotonic time the window's timer fires, if armed
+        self.write_fd = None              # its stdin's pipe: closed only by our death
+        self.timer_fd = None              # its timer's pipe: a line wakes it
+        self.deadline_fd = None
+        self.window_open = False
         self.changed = WakePipe()         # tells the watcher of a new guardian
 
     def start(self):
@@ -3578,30 +3618,92 @@ class Guardian:
             return self._start()
 
     def _start(self):
-        if self.write_fd is not None:
-            os.close(self.write_fd)
-            self.write_fd = None
+        for fd in (self.write_fd, self.timer_fd):
+            if fd is not None:
+                os.close(fd)
+        self.write_fd = self.timer_fd = None
         try:
             read_fd, write_fd = os.pipe()
         except OSError as err:
             log.alert("guardian not started: cannot create a pipe: %s", err.strerror)
             return False
         try:
-            self.proc = start_process(self.argv, self.env, read_fd, 2)
+            timer_read, timer_write = os.pipe()
+        except OSError as err:
+            os.close(read_fd)
+            os.close(write_fd)
+            log.alert("guardian not started: cannot create a pipe: %s", err.strerror)
+            return False
+        try:
+            self.proc = start_process(self.argv, self.env, read_fd, 2, stdout=timer_read)
         except OSError as err:
             os.close(write_fd)
+            os.close(timer_write)
             log.alert("guardian not started: %s", err.strerror)
             return False
         finally:
             os.close(read_fd)
-        os.set_blocking(write_fd, False)  # never wait on it: a full pipe is a stuck guardian
-        self.write_fd = write_fd
+            os.close(timer_read)
+        os.set_blocking(timer_write, False)   # never wait on it: a full pipe is a timer awake
+        self.write_fd, self.timer_fd = write_fd, timer_write
         set_oom_score(GUARDIAN_OOM_SCORE, self.proc.pid)
         log.debug("guardian started: process %d", self.proc.pid)
-        if self.due is not None:          # a window is open: the new one's timer too
-            self._send("arm %d\n" % max(1, int(self.due - time.monotonic() + 0.999)))
+        if self.window_open:              # the new one times the open window too
+            self._wake_timer()
         self.changed.poke()
         return True
+
+    def open_window(self, seconds_left):
+        """A window opened: it must be released within seconds_left."""
+        with self.lock:
+            self.window_open = True
+            self._write_deadline(seconds_left)
+            self._wake_timer()
+
+    def move_deadline(self, seconds_left):
+        """The open window must now be released within seconds_left."""
+        with self.lock:
+            if self.window_open:
+                self._write_deadline(seconds_left)
+
+    def close_window(self):
+        """The timer finds 0 at its next look (5 s at most), and waits again."""
+        with self.lock:
+            if self.window_open:
+                self.window_open = False
+                self._write_deadline(None)
+
+    def _wake_timer(self):
+        if self.timer_fd is not None:
+            try:
+                os.write(self.timer_fd, b"\n")
+            except OSError:               # full: it is awake; gone: the watcher acts
+                pass
+
+    def _write_deadline(self, seconds_left):
+        """The deadline file: seconds since boot, one line, rewritten in place
+        (what follows the first line is never read); 0: no window."""
+        due = 0 if seconds_left is None else int(boot_seconds() + seconds_left + 0.999)
+        try:
+            if self.deadline_fd is None or not os.fstat(self.deadline_fd).st_nlink:
+                self._open_deadline_file()
+            os.pwrite(self.deadline_fd, b"%d\n" % due, 0)
+        except OSError as err:
+            log.alert("cannot write the guardian's deadline %s: %s (a stopped synchook "
+                      "would not be killed at the window's ceiling)", self.deadline_path,
+                      err.strerror)
+
+    def _open_deadline_file(self):
+        if self.deadline_fd is not None:
+            os.close(self.deadline_fd)
+            self.deadline_fd = None
+        fd = os.open(self.deadline_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise OSError(errno.EPERM, "not a regular file of synchook's user")
+        self.deadline_fd = fd
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -3619,25 +3721,6 @@ class Guardian:
         if self.proc is not None:
             log.alert("the guardian (process %d) is gone (%s): starting a new one",
                       self.proc.pid, describe_exit(self.proc.returncode))
-
-    def arm(self, seconds_left):
-        """The window must be released within seconds_left, or this process is killed."""
-        with self.lock:
-            self.due = time.monotonic() + seconds_left
-            self._send("arm %d\n" % max(1, int(seconds_left + 0.999)))
-
-    def disarm(self):
-        with self.lock:
-            self.due = None
-            self._send("disarm\n")
-
-    def _send(self, line):
-        if self.write_fd is None:
-            return
-        try:
-            os.write(self.write_fd, line.encode())
-        except OSError:                   # gone (EPIPE): the watcher starts another
-            pass
 
     def watch(self):
         """Start the thread that starts a new guardian as soon as one dies."""

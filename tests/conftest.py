@@ -261,6 +261,27 @@ def rec(tmp_path):
     return Recorder()
 
 
+def wait_until(predicate, timeout, step=0.01):
+    """Poll predicate until it is true (True) or timeout seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+def http_get(port, path, timeout=20):
+    """(status, body) of a plain HTTP GET on loopback, on a connection of its own."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace").strip()
+    finally:
+        conn.close()
+
+
 def run(cmd, **kwargs):
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)

@@ -6,7 +6,6 @@ Freezes only the test's own loop devices (conftest.Loops): the "root" of these
 tests is a loop-mounted ext4 with a tmpfs at its run/, as / and /run.
 """
 
-import http.client
 import json
 import os
 import shutil
@@ -20,17 +19,8 @@ import time
 import pytest
 
 import synchook
-from conftest import (SYNCHOOK, assert_frozen, assert_thawed, children, free_port,
-                      interpreters, run, start_writer, window_open)
-
-
-def wait_until(predicate, timeout, step=0.005):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
-    return True
+from conftest import (SYNCHOOK, assert_frozen, assert_thawed, children, free_port, http_get,
+                      interpreters, run, start_writer, wait_until, window_open)
 
 
 def released_after_kill(d, rec, expected, what=None):
@@ -254,13 +244,7 @@ class FrozenRoot:
             return ""
 
     def get(self, path):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read().decode().strip()
-        finally:
-            conn.close()
+        return http_get(self.port, path)
 
     def posts(self):
         return open(self.rec).read().split() if os.path.exists(self.rec) else []

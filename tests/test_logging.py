@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, free_port, run
+from conftest import SYNCHOOK, free_port, http_get, run
 
 
 def test_notify_socket_gets_ready(start, tmp_path):
@@ -209,17 +209,6 @@ def daemon_logging_to_file(tmp_path, *args):
     return proc, port, path
 
 
-def get(port, path):
-    import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode().strip()
-    finally:
-        conn.close()
-
-
 def test_log_in_a_file_never_stops_with_windows_back_to_back(tmp_path):
     """XO snapshots twice in a row: the second /sync arrives while the first
     window's post phase runs (a hold() right after a release()).  1.4.0's
@@ -230,15 +219,15 @@ def test_log_in_a_file_never_stops_with_windows_back_to_back(tmp_path):
                                               "--post-sync", "sleep 0.05")
     try:
         for round_ in range(25):
-            assert get(port, "/sync")[0] == 200
-            second = threading.Thread(target=lambda: get(port, "/sync"))
-            post = threading.Thread(target=lambda: get(port, "/post-sync"))
+            assert http_get(port, "/sync")[0] == 200
+            second = threading.Thread(target=lambda: http_get(port, "/sync"))
+            post = threading.Thread(target=lambda: http_get(port, "/post-sync"))
             post.start()
             time.sleep(0.02)
             second.start()
             post.join(10)
             second.join(10)
-            assert get(port, "/post-sync")[0] == 200
+            assert http_get(port, "/post-sync")[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -257,7 +246,7 @@ def test_lines_held_in_a_window_survive_a_sigkill(tmp_path):
     proc, port, path = daemon_logging_to_file(tmp_path, "--sync", "echo held-line-marker",
                                               "--post-sync", "true")
     try:
-        assert get(port, "/sync") == (200, "Ok")
+        assert http_get(port, "/sync") == (200, "Ok")
         time.sleep(0.3)
         assert "sync| held-line-marker" not in path.read_text()    # held: a window is open
         proc.kill()

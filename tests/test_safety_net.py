@@ -5,9 +5,9 @@ and what was not verified thawed stays owed.
 Freezes only the test's own loop devices (conftest.Loops).
 """
 
-import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,18 +16,9 @@ import time
 
 import pytest
 
-from conftest import (SYNCHOOK, assert_frozen, assert_thawed, free_port, read_marker, run,
-                      window_open)
+from conftest import (SYNCHOOK, assert_frozen, assert_thawed, free_port, http_get, read_marker,
+                      run, wait_until, window_open)
 import synchook
-
-
-def wait_until(predicate, timeout, step=0.02):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 def status(d):
@@ -152,11 +143,7 @@ def test_no_guardian_no_window(tmp_path, loops):
                                 stdin=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: "listening on" in log_path.read_text(), 20), log_path.read_text()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-        conn.request("GET", "/sync")
-        response = conn.getresponse()
-        body = response.read().decode().strip()
-        assert (response.status, body) == (500, "nothing run: no guardian could be started")
+        assert http_get(port, "/sync") == (500, "nothing run: no guardian could be started")
         assert_thawed(a)
         assert wait_until(lambda: "error: /sync refused, nothing run: no guardian could be "
                                   "started" in log_path.read_text(), 10), log_path.read_text()
@@ -168,24 +155,31 @@ def test_no_guardian_no_window(tmp_path, loops):
 
 # 3. The guardian enforces the window's ceiling; a post step is never run twice ----------
 
-def test_stopped_daemon_is_killed_and_released_after_max_hold(start, loops, rec):
+@pytest.mark.parametrize("stop", [signal.SIGSTOP, signal.SIGTSTP], ids=["SIGSTOP", "ctrl-z"])
+def test_stopped_daemon_is_killed_and_released_after_max_hold(start, loops, rec, stop):
+    """Stopped (SIGSTOP, or ^Z's SIGTSTP) with a window open, synchook cannot
+    run its watchdog: the guardian's timer, told the window's deadline, kills
+    it at the window's ceiling (--max-hold, plus a grace), and the guardian
+    releases the window."""
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"),
               "--max-hold", "2", "--tls", "off")
     assert d.get("/sync") == (200, "Ok")
     began = time.monotonic()
-    d.signal(signal.SIGSTOP)
+    d.signal(stop)
     try:
-        writer_done = wait_until(lambda: rec.lines() == ["post"], 30)
+        released = wait_until(lambda: rec.lines() == ["post"], 30)
         took = time.monotonic() - began
     finally:
-        os.kill(d.proc.pid, signal.SIGCONT)
-    assert writer_done, d.log()
-    assert d.proc.wait(5) == -signal.SIGKILL           # killed by its guardian
+        if d.proc.poll() is None:
+            os.kill(d.proc.pid, signal.SIGCONT)
+    assert released, d.log()
+    assert d.proc.wait(5) == -signal.SIGKILL           # by its guardian
     assert_thawed(a)
     assert took < 2 + synchook.GUARDIAN_GRACE + 10, took
     time.sleep(0.5)
     assert rec.lines() == ["post"]
+    assert re.search(r"the previous run ended with a window open, for \d+ s now", d.log())
     assert "had not released its window when due: killed by its guardian" in d.log()
 
 

@@ -261,3 +261,24 @@ def test_marker_removed_between_windows_is_made_again(start, rec):
     d.wait_log(r"window marker .* was removed: making it again")
     assert d.get("/post-sync") == (200, "Ok")
     assert not window_open(d.runtime)
+
+
+def test_marker_reads_every_line_however_long(tmp_path):
+    """No size at which a line is lost: 3,000 process groups (about 150 KB, more
+    than the space kept for the marker), then the freeze's line."""
+    marker = synchook.Marker(str(tmp_path))
+    marker.prepare()
+    assert os.path.getsize(marker.path) == synchook.MARKER_SPACE
+    assert marker.open_window("192.0.2.1", 1.0, [["thaw", None]], 55) is None
+    for pgid in range(2, 3002):
+        assert marker.add({"group": {"pgid": pgid, "start": [0, 1]}})
+    data = synchook.Mount("/data", "ext4", "/dev/vdb", os.makedev(254, 16), 42)
+    assert marker.freezing(data)
+    info = marker.read()
+    assert len(info["groups"]) == 3000 and info["freeze"][0]["point"] == "/data"
+    marker.not_frozen(data)
+    assert marker.read()["freeze"] == []
+    marker.close_window()
+    assert marker.read() is None
+    assert marker.open_window("192.0.2.1", 2.0, [], 55) is None     # the next window:
+    assert marker.read()["groups"] == []                            # none of the last's
