@@ -3545,6 +3545,9 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
 #   stopped (SIGSTOP, ^Z, a debugger) or hung cannot keep the guest frozen past
 #   the window's ceiling.  Idle, it waits on its pipe: no wake-up.  The daemon
 #   moves the deadline by rewriting the file, which costs the timer nothing.
+#   The timer acts only while its guardian lives and its daemon is the same
+#   process (its start time in /proc): a timer whose guardian was killed, or
+#   whose daemon is gone (its pid maybe reused), exits.
 # Signals that stop a service are ignored: systemd (KillMode=process), OpenRC
 # and SysV send theirs to the daemon, and a terminal's ^C must not take the
 # safety net down with it.  Nothing in its command line names synchook (its
@@ -3553,10 +3556,19 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
 # never names /dev/null for output (where it is missing, `>` would create it).
 GUARDIAN_SCRIPT = """trap '' HUP INT QUIT TERM
 daemon=$PPID
+started() {
+    read -r stat <"/proc/$1/stat" || return 1
+    set -- ${stat##*) }
+    echo "${20}"
+}
 window_timer() {
     trap 'kill "$sleeper" 2>&-; exit 0' TERM
+    guardian=$$
+    since=$(started "$daemon") || exit 0
     while read -r _ <&3; do
         while IFS= read -r due <"$SYNCHOOK_GUARDIAN_DEADLINE" && [ "${due:-0}" -gt 0 ]; do
+            # Our guardian killed, or our daemon gone: not ours to act on any more.
+            kill -0 "$guardian" 2>&- && [ "$(started "$daemon")" = "$since" ] || exit 0
             read -r now _ </proc/uptime || exit 0
             now=${now%%.*}
             if [ "$now" -ge "$due" ]; then

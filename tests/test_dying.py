@@ -106,13 +106,32 @@ def test_guardian_lost_while_serving_is_started_again_at_once(start, rec):
     assert released_after_kill(d, rec, ["sync", "post"]) < 2.0
 
 
+def guardians_of(runtime):
+    """Every process left of the guardians of a runtime dir (their timers too),
+    known by the runtime dir in their environment."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/environ" % name, "rb") as handle:
+                environ = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"SYNCHOOK_GUARDIAN_RUNTIME_DIR=" + runtime.encode() in environ:
+            found.append(int(name))
+    return found
+
+
 def test_guardian_lost_during_a_window_is_replaced_and_releases(start, rec):
-    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
+    """The first guardian's timer, orphaned, must never act: it exits, and
+    nothing of either guardian is left once the window is released."""
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off",
+              "--max-hold", "1")
     assert d.get("/sync") == (200, "Ok")
     first = d.guardian_pid()
     os.kill(first, signal.SIGKILL)
     new_guardian(d, first)
     assert released_after_kill(d, rec, ["sync", "post"]) < 2.0
+    assert wait_until(lambda: not guardians_of(d.runtime), 15), guardians_of(d.runtime)
 
 
 def test_pkill_f_synchook_spares_the_guardian(start, rec, tmp_path):
