@@ -7,7 +7,9 @@ calls ``GET /post-sync``.  synchook answers those calls by running the commands
 the admin configured (flush a database, ``fsfreeze -f /data``; then
 ``fsfreeze -u /data``) and guarantees that every window it opened is closed:
 on /post-sync, after --max-hold seconds, on shutdown, and when synchook itself
-dies (its guardian, or the next start, runs the post phase).
+dies, stops or hangs (its guardian, or the next start, runs the post phase).
+A window never opens without its record (the marker) and its guardian, and a
+failed sync step never costs the freeze: XO snapshots whatever /sync answers.
 
 One file, Python 3.6 or newer, standard library only.  Run ``synchook.py
 --help``; the README has the whole story.
@@ -17,13 +19,15 @@ sections are:
 
   Constants             limits and names, one comment each
   Logging               a bounded queue and one writer thread: never blocks a thaw,
-                        writes no file while a window is open
+                        writes no file while a window is open (held lines wait in
+                        the runtime dir)
   Configuration         flag > variable > --config file > default; trusted files
   Running commands      process groups, bounded time and output, --hold, hooks,
                         the steps of a phase
   Freezing filesystems  --freeze: FIFREEZE/FITHAW, the mount selection, identity
   The sync window       the state machine: one window, its post phase owed once;
-                        the marker, recovery, the runtime dir's lock, the guardian
+                        the Marker, recovery, the runtime dir's lock, the guardian
+                        and its timer
   HTTP                  one handler: strict, bounded parsing; nothing reaches a shell
   The server            connection threads, signals, TLS detection, allow-list,
                         the cap
