@@ -22,7 +22,9 @@ import guest as vm  # noqa: E402
 
 # In the guest: is / frozen?  A file is created in the background; a second later
 # it is there (thawed), or its creation still waits (frozen; it ends at the thaw).
-ROOT_STATE = ("n=probe-$(cut -d. -f1 /proc/uptime)-$$; (touch /$n &); sleep 1; "
+# The waiting `touch` keeps none of the agent's output pipes open.
+ROOT_STATE = ("n=probe-$(cut -d. -f1 /proc/uptime)-$$; "
+              "(touch /$n </dev/null >/dev/null 2>&1 &); sleep 1; "
               "if [ -e /$n ]; then echo thawed; else echo frozen; fi")
 
 # In the guest: run CMD, then wait until / takes a write; print the seconds between.
