@@ -80,11 +80,13 @@ class GuestError(Exception):
 class Guest:
     """One booted guest: run(), its forwarded port, its serial log."""
 
-    def __init__(self, image_dir):
+    def __init__(self, image_dir, data_disks=()):
         self.image_dir = image_dir
         self.work = tempfile.mkdtemp(prefix="synchook-guest-")
         self.port = free_port()
+        self.data_disks = list(data_disks)    # names: /dev/disk/by-id/virtio-NAME in the guest
         self.qga_path = os.path.join(self.work, "qga.sock")
+        self.qmp_path = os.path.join(self.work, "qmp.sock")
         self.serial_log = os.path.join(self.work, "serial.log")
         self.proc = None
         self.sync_id = int(time.time()) % 100000
@@ -101,14 +103,22 @@ class Guest:
             "-kernel", os.path.join(self.image_dir, "vmlinuz"),
             "-initrd", os.path.join(self.image_dir, "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 quiet",
-            "-drive", "file=%s,if=virtio,format=qcow2" % overlay,
+            # The root disk's device first: the first virtio disk is /dev/vda.
+            "-drive", "file=%s,if=none,id=root,format=qcow2" % overlay,
+            "-device", "virtio-blk-pci,drive=root",
             "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:%d-:1727" % self.port,
             "-device", "virtio-net-pci,netdev=n0",
             "-virtfs", "local,path=%s,mount_tag=src,security_model=none,readonly=on" % ROOT,
             "-chardev", "socket,id=qga0,path=%s,server=on,wait=off" % self.qga_path,
             "-device", "virtio-serial-pci",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-            "-chardev", "file,id=ser0,path=%s" % self.serial_log, "-serial", "chardev:ser0"]
+            "-chardev", "file,id=ser0,path=%s" % self.serial_log, "-serial", "chardev:ser0",
+            "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
+        for name in self.data_disks:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk(name), "128M"],
+                           check=True)
+            argv += ["-drive", "file=%s,if=none,id=%s,format=qcow2" % (self.disk(name), name),
+                     "-device", "virtio-blk-pci,drive=%s,serial=%s" % (name, name)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(self.work, "qemu.log"), "wb"))
         deadline = time.monotonic() + timeout
@@ -126,6 +136,39 @@ class Guest:
         self.booted_in = timeout - (deadline - time.monotonic())
         self.run("modprobe 9pnet_virtio 2>/dev/null; mkdir -p /src && "
                  "mount -t 9p -o trans=virtio,version=9p2000.L,ro src /src", check=True)
+
+    def disk(self, name):
+        """The host file of a data disk (after snapshot(), its point-in-time image)."""
+        return os.path.join(self.work, "%s.qcow2" % name)
+
+    def snapshot(self, name, overlay):
+        """The hypervisor's point-in-time snapshot of one data disk, as XAPI takes
+        them one after the other: the guest writes to a new overlay from now on,
+        and disk(name) holds the disk as it was."""
+        self.qmp("blockdev-snapshot-sync", {"device": name, "snapshot-file": overlay,
+                                            "format": "qcow2"})
+
+    def qmp(self, execute, arguments=None, timeout=30):
+        """One QMP command on a connection of its own."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.qmp_path)
+            handle = sock.makefile("rwb")
+            handle.readline()                                   # the greeting
+            for command in ({"execute": "qmp_capabilities"},
+                            {"execute": execute, "arguments": arguments or {}}):
+                handle.write(json.dumps(command).encode() + b"\n")
+                handle.flush()
+                while True:
+                    answer = json.loads(handle.readline().decode())
+                    if "event" not in answer:
+                        break
+                if "error" in answer:
+                    raise GuestError("%s: %s" % (command["execute"], answer["error"]))
+            return answer.get("return")
+        finally:
+            sock.close()
 
     def qga(self, execute, arguments=None, timeout=30):
         """One guest agent command, on a connection of its own (the agent's
