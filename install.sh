@@ -527,6 +527,8 @@ PY
         fatal "the settings are not valid, nothing installed: $(printf '%s' "$merge_check" \
             | tail -n 1 | sed "s|$WORK/synchook.conf line [0-9]*: ||")"
     fi
+    # synchook itself takes port 0 (a free one, for tests); a service needs a fixed one.
+    [ "$(effective port)" != 0 ] || fatal "the settings are not valid, nothing installed: --port 0: a service needs a fixed port (XO's bare tag calls 1727)"
     while read -r merge_change; do
         info "$merge_change"
     done <"$WORK/changes"

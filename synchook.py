@@ -1290,6 +1290,9 @@ def resolve_config(args, environ=None, check_files=True):
         if origin is not None and opt.name in MUST_NOT_BE_EMPTY and not raw.strip(", \t\r\n"):
             raise ConfigError("%s is set but empty, which would %s; unset it or give a value"
                               % (origin, MUST_NOT_BE_EMPTY[opt.name]))
+        if origin is not None and opt.name == "secret" and not visible(raw):
+            raise ConfigError("%s has no visible character (only white space or control "
+                              "characters): give a secret one can type" % origin)
         try:
             value = opt.parse(raw)
         except ConfigError as err:
@@ -1351,7 +1354,17 @@ def read_secret_file(path):
     if not data.strip():
         raise ConfigError("--secret-file %s: %s" % (path, "file holds only white space"
                                                     if data else "file is empty"))
-    return data.decode("utf-8", "surrogateescape")
+    secret = data.decode("utf-8", "surrogateescape")
+    if not visible(secret):
+        raise ConfigError("--secret-file %s: holds no visible character (only white space or "
+                          "control characters)" % path)
+    return secret
+
+
+def visible(text):
+    """Does text have a character one can see (\\v, \\f and \\x1c-\\x1f are no more
+    a secret than a space)?"""
+    return any(char.isprintable() and not char.isspace() for char in text)
 
 
 def finish_config(cfg, check_files=True):
@@ -1379,6 +1392,9 @@ def finish_config(cfg, check_files=True):
         check_trusted(cfg.hooks_dir, "--hooks-dir")
     if cfg.freeze_under and cfg.freeze != "all":
         raise ConfigError("--freeze-under %s: goes with --freeze all" % cfg.freeze_under)
+    if cfg.freeze and os.geteuid() != 0:
+        raise ConfigError("--freeze needs root (FIFREEZE and FITHAW need CAP_SYS_ADMIN): run "
+                          "synchook as root, or leave --freeze out")
     if cfg.freeze:
         check_freeze_plan(cfg)
         if cfg.origin.get("max_hold") is None and freezes_root(cfg):
@@ -5709,6 +5725,11 @@ def cmd_serve(cfg):
              seconds(cfg.timeout), seconds(cfg.max_hold), access_rule(cfg))
     if oom_problem:
         log.alert("%s", oom_problem, level=30)
+    if cfg.timeout > XO_TIMEOUT - 5:
+        log.warning("--timeout %s s: XO waits %s s for /sync, then snapshots without waiting "
+                    "for the sync phase and its freeze (keep it at 55 s or less, or raise "
+                    "syncHookTimeout in xo-server's config too)", seconds(cfg.timeout),
+                    seconds(XO_TIMEOUT))
     if not cfg.secret and not cfg.allow:
         log.warning("anyone who can reach port %d can run the hooks: set --allow to XO's "
                     "address (and a secret, --secret-file)", port)

@@ -1,6 +1,8 @@
 """Configuration: flag over variable over config file over default; bad values exit 2."""
 
 import os
+import shutil
+import sys
 
 import pytest
 
@@ -111,3 +113,13 @@ def test_serve_word_is_optional(start, rec):
     assert d.get("/sync")[0] == 200
     assert synchook("serve", "--help").returncode == 0
     assert synchook("serve", "--port", "99999").returncode == 2
+
+
+def test_freeze_needs_root_said_first(tmp_path):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to run synchook as another user")
+    out = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+               SYNCHOOK, "--freeze", "/", "--port", "0", "--runtime-dir", str(tmp_path / "r")])
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "synchook: error: --freeze needs root (FIFREEZE and FITHAW " \
+        "need CAP_SYS_ADMIN): run synchook as root, or leave --freeze out", out.stderr

@@ -260,3 +260,12 @@ def test_commands_get_stdin_stdout_stderr_only_and_default_signals(start):
     ignored = int(masks["SigIgn"], 16)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         assert not ignored & (1 << (sig - 1)), "signal %d ignored" % sig
+
+
+def test_a_timeout_past_xos_wait_is_warned_about(start):
+    d = start("--sync", "true", "--timeout", "56")
+    d.wait_log(r"warning: --timeout 56 s: XO waits 60 s for /sync, then snapshots without "
+               r"waiting for the sync phase and its freeze")
+    d2 = start("--sync", "true", "--timeout", "55")
+    d2.wait_log(r"anyone who can reach port")          # logged after that warning's place
+    assert "XO waits" not in d2.log()

@@ -449,6 +449,28 @@ def test_secret_of_white_space_refused(tmp_path):
     assert code == 2 and "SYNCHOOK_SECRET is set but empty" in one_line(err)
 
 
+@pytest.mark.parametrize("invisible", ["\v", "\f\v", "\x1c\x1d", "\x1e \x1f", "\x85"])
+def test_secret_with_no_visible_character_refused_on_every_path(tmp_path, invisible):
+    """Space, tab and newline were refused; \\v, \\f and \\x1c-\\x1f were a secret.
+    Refused from the flag, the variable, the config file and the secret file."""
+    code, err = serve(tmp_path, "--secret", invisible)
+    assert code == 2 and "--secret has no visible character" in one_line(err), err
+    code, err = serve(tmp_path, env=dict(os.environ, SYNCHOOK_SECRET=invisible))
+    assert code == 2 and "SYNCHOOK_SECRET has no visible character" in one_line(err), err
+    config = tmp_path / "synchook.conf"
+    config.write_text("SYNCHOOK_SECRET='%s'\n" % invisible)
+    os.chmod(str(config), 0o600)
+    code, err = serve(tmp_path, "--config", str(config))
+    assert code == 2 and "no visible character" in one_line(err), err
+    assert invisible not in err
+    secret = tmp_path / "secret"
+    secret.write_bytes(invisible.encode() + b"\n")
+    os.chmod(str(secret), 0o600)
+    code, err = serve(tmp_path, "--secret-file", str(secret))
+    assert code == 2 and "holds no visible character" in one_line(err) or \
+        "holds only white space" in one_line(err), err
+
+
 def test_config_error_never_echoes_a_word_of_the_secret(tmp_path):
     config = tmp_path / "conf"
     config.write_text("SYNCHOOK_SECRET=hunt er2=xyz\n")

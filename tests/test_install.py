@@ -465,6 +465,7 @@ def test_rcs_that_runs_no_s_scripts_gets_no_s99(tmp_path):
     (["--timeout", "abc"], "synchook: error: SYNCHOOK_TIMEOUT 'abc': not a number of seconds"),
     (["--allow", "10.0.0.5/8"], "did you mean 10.0.0.0/8"),
     (["--port", "99999"], "port out of range"),
+    (["--port", "0"], "--port 0: a service needs a fixed port"),
 ])
 def test_bad_setting_is_refused_before_anything_is_written(shell, tmp_path, args, shown):
     root = make_root(tmp_path, "sysv")

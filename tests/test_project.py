@@ -56,10 +56,12 @@ def test_readme_curl_block_works_pasted_as_one_block(tmp_path):
     if shutil.which("curl") is None:
         pytest.skip("curl not installed (apt-get install curl)")
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = readme.split("## Trying it with curl\n\n", 1)[1].split("\n\n", 1)[0]
-    lines = [line[4:] for line in block.splitlines()]
+    section = readme.split("## Trying it with curl\n\n", 1)[1]
+    block = section.split("\n\n    ", 1)[1].split("\n\n", 1)[0]     # the indented block
+    lines = [line[4:] for line in ("    " + block).splitlines()]
+    assert "1727/" not in block, "the curl demo must not talk to an installed agent's port"
     from conftest import free_port
-    script = "\n".join(lines).replace("1727", str(free_port())).replace(
+    script = "\n".join(lines).replace("17270", str(free_port())).replace(
         "/tmp/synchook-try", str(tmp_path / "try")).replace("python3 synchook.py",
                                                            "%s %s" % (sys.executable, SYNCHOOK))
     out = subprocess.run(["bash", "-c", script + "\nwait"], stdout=subprocess.PIPE,
