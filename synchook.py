@@ -3654,18 +3654,16 @@ class Guardian:
             if fd is not None:
                 os.close(fd)
         self.write_fd = self.timer_fd = None
+        pipes = []
         try:
-            read_fd, write_fd = os.pipe()
+            pipes.extend(os.pipe())
+            pipes.extend(os.pipe())
         except OSError as err:
+            for fd in pipes:
+                os.close(fd)
             log.alert("guardian not started: cannot create a pipe: %s", err.strerror)
             return False
-        try:
-            timer_read, timer_write = os.pipe()
-        except OSError as err:
-            os.close(read_fd)
-            os.close(write_fd)
-            log.alert("guardian not started: cannot create a pipe: %s", err.strerror)
-            return False
+        read_fd, write_fd, timer_read, timer_write = pipes
         try:
             self.proc = start_process(self.argv, self.env, read_fd, 2, stdout=timer_read)
         except OSError as err:

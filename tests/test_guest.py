@@ -100,36 +100,34 @@ def test_sync_freezes_the_guests_own_root_and_post_sync_thaws_it(guest):
                      out), out
 
 
-def test_sigkill_of_the_daemon_with_root_frozen_is_released_by_the_guardian(guest):
+def released_by(guest, command, what, settle=0):
+    """/sync (the guest's / frozen), then command in the guest: / takes a write
+    again, the post command ran exactly once, synchook runs (settle seconds
+    after).  Prints how long until / was writable."""
     before = posts(guest)
     assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
-    took = seconds_until_writable(
-        guest, "kill -KILL $(systemctl show -p MainPID --value synchook)")
-    print("\nguest: SIGKILL of the daemon with / frozen: writable %.2f s later" % took)
-    assert guest.run("sleep 4; systemctl is-active synchook")[1].strip() == "active"
-    assert posts(guest) == before + 1                   # once: the restart found nothing
+    took = seconds_until_writable(guest, command)
+    print("\nguest: %s with / frozen: writable %.2f s later" % (what, took))
+    assert guest.run("sleep %d; systemctl is-active synchook" % settle)[1].strip() == "active"
+    assert posts(guest) == before + 1
+
+
+def test_sigkill_of_the_daemon_with_root_frozen_is_released_by_the_guardian(guest):
+    released_by(guest, "kill -KILL $(systemctl show -p MainPID --value synchook)",
+                "SIGKILL of the daemon", settle=4)    # and the restart found nothing owed
 
 
 def test_systemctl_kill_of_the_whole_service_with_root_frozen_is_recovered(guest):
     """Daemon, guardian and all: only systemd's restart can release, and 1.4.0's
     unit (a mount namespace) made that restart wait on the frozen / for good."""
-    before = posts(guest)
-    assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
-    took = seconds_until_writable(guest, "systemctl kill -s SIGKILL synchook")
-    print("\nguest: systemctl kill -s SIGKILL with / frozen: writable %.2f s later" % took)
-    assert guest.run("sleep 2; systemctl is-active synchook")[1].strip() == "active"
-    assert posts(guest) == before + 1
+    released_by(guest, "systemctl kill -s SIGKILL synchook", "systemctl kill -s SIGKILL",
+                settle=2)
     assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")      # and serving
     assert http_get(guest.port, "/post-sync", timeout=60) == (200, "Ok")
 
 
 def test_systemctl_restart_with_a_window_open_releases_once(guest):
-    before = posts(guest)
-    assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
-    took = seconds_until_writable(guest, "systemctl restart synchook")
-    print("\nguest: systemctl restart with / frozen: writable %.2f s later" % took)
-    assert guest.run("systemctl is-active synchook")[1].strip() == "active"
-    assert posts(guest) == before + 1
+    released_by(guest, "systemctl restart synchook", "systemctl restart")
 
 
 HOG = """#!/bin/sh
