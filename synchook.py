@@ -5689,7 +5689,8 @@ def cmd_serve(cfg):
     # filesystem the dead run froze.
     window.recover()
     try:
-        marker.prepare()
+        if not window.is_open:           # else the recovered window, still owed, keeps it
+            marker.prepare()
     except OSError as err:
         log.alert("cannot make the window marker %s: %s; no window opens until it can be "
                   "made (/sync answers 500)", marker.path, err.strerror)
