@@ -1266,9 +1266,10 @@ MUST_NOT_BE_EMPTY = {
 }
 
 
-def resolve_config(args, environ=None, check_files=True):
+def resolve_config(args, environ=None, check_files=True, check_freeze=True):
     """The settings from flags, environment, --config file and defaults.
-    check_files=False (check --parse-only) checks syntax and values alone."""
+    check_files=False (check --parse-only) checks syntax and values alone;
+    check_freeze=False (the tools) leaves the freeze plan to the caller."""
     environ = os.environ if environ is None else environ
     cfg = Config()
     config_path = args.config if args.config is not None else environ.get("SYNCHOOK_CONFIG", "")
@@ -1302,8 +1303,16 @@ def resolve_config(args, environ=None, check_files=True):
         cfg.origin[opt.name] = origin
     cfg.config = config_path
     cfg.secret_from_flag = args.secret is not None
-    finish_config(cfg, check_files)
+    finish_config(cfg, check_files, check_freeze)
     return cfg
+
+
+def check_freezing(cfg):
+    """--freeze as a start needs it: root, and a plan that freezes something."""
+    if os.geteuid() != 0:
+        raise ConfigError("--freeze needs root (FIFREEZE and FITHAW need CAP_SYS_ADMIN): run "
+                          "synchook as root, or leave --freeze out")
+    check_freeze_plan(cfg)
 
 
 def check_freeze_plan(cfg):
@@ -1367,7 +1376,7 @@ def visible(text):
     return any(char.isprintable() and not char.isspace() for char in text)
 
 
-def finish_config(cfg, check_files=True):
+def finish_config(cfg, check_files=True, check_freeze=True):
     """Checks that span several settings, and files that must be readable now."""
     if cfg.secret and cfg.secret_file:
         raise ConfigError("--secret and --secret-file are both set; choose one")
@@ -1392,13 +1401,10 @@ def finish_config(cfg, check_files=True):
         check_trusted(cfg.hooks_dir, "--hooks-dir")
     if cfg.freeze_under and cfg.freeze != "all":
         raise ConfigError("--freeze-under %s: goes with --freeze all" % cfg.freeze_under)
-    if cfg.freeze and os.geteuid() != 0:
-        raise ConfigError("--freeze needs root (FIFREEZE and FITHAW need CAP_SYS_ADMIN): run "
-                          "synchook as root, or leave --freeze out")
-    if cfg.freeze:
-        check_freeze_plan(cfg)
-        if cfg.origin.get("max_hold") is None and freezes_root(cfg):
-            cfg.max_hold = ROOT_MAX_HOLD
+    if cfg.freeze and check_freeze:
+        check_freezing(cfg)
+    if cfg.freeze and cfg.origin.get("max_hold") is None and freezes_root(cfg):
+        cfg.max_hold = ROOT_MAX_HOLD
     # The daemon works from / (it must not keep a mount busy): paths become absolute.
     for name in ("tls_cert", "tls_key", "hooks_dir", "runtime_dir", "state_dir", "freeze_under"):
         if getattr(cfg, name):
@@ -5552,6 +5558,10 @@ def cmd_check(cfg, run_phases=True):
     if cfg.secret and cfg.secret_from_flag:
         report(False, "--secret on the command line is visible in ps: use --secret-file")
     if cfg.freeze:
+        try:
+            check_freezing(cfg)
+        except ConfigError as err:
+            report(False, str(err))
         plan, skipped = freeze_plan(read_mounts(), cfg.freeze, cfg.freeze_under)
         report(bool(plan),
                "--freeze: would freeze, in this order: %s (check itself freezes nothing)"
@@ -5867,7 +5877,10 @@ def main(argv=None):
         if command == "tag" and args.secret_new:
             # The secret file is about to be written: only its name is needed now.
             return cmd_tag(args, resolve_config(args, check_files=False))
-        cfg = resolve_config(args, check_files=not parse_only)
+        # The tools work with a mount missing (status and tag are wanted exactly
+        # then; check lists it as FAIL): only the daemon refuses to start.
+        cfg = resolve_config(args, check_files=not parse_only,
+                             check_freeze=command == "serve")
         if parse_only:
             print("ok   settings are valid (syntax and values; no file opened, nothing run)")
             return 0

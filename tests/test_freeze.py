@@ -282,3 +282,23 @@ def test_freeze_under_restricts_the_selection():
     assert [mount.point for mount in plan] == ["/var/lib/db"]
     plan, _ = synchook.freeze_plan(synchook.parse_mountinfo(RHEL), "all", "/ho")
     assert plan == []
+
+
+def test_the_tools_work_with_a_freeze_mount_missing(start, loops, tmp_path):
+    """status and tag are wanted exactly when something is wrong: a --freeze
+    mount gone since start stops neither; check lists it as a FAIL line."""
+    a = loops.add()
+    d = start("--freeze", a, "--sync", "true", "--tls", "off")
+    assert run(["umount", a]).returncode == 0
+    loops.points.remove(a)
+    common = ["--freeze", a, "--port", str(d.port), "--listen", "127.0.0.1", "--tls", "off",
+              "--runtime-dir", str(tmp_path / "run-check")]
+    out = run([sys.executable, SYNCHOOK, "status"] + common)
+    assert out.returncode == 0 and "window:         idle" in out.stdout, out.stdout + out.stderr
+    out = run([sys.executable, SYNCHOOK, "tag"] + common)
+    assert out.returncode == 0, out.stderr
+    out = run([sys.executable, SYNCHOOK, "check", "--no-run"] + common)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAIL --freeze %s: not a mount point" % a in out.stdout, out.stdout
+    out = run([sys.executable, SYNCHOOK, "--sync", "true"] + common)     # the daemon: exit 2
+    assert out.returncode == 2 and "not a mount point" in out.stderr, out.stderr
