@@ -134,12 +134,18 @@ write_file() {
         printf 'dry-run: would write %s (mode %s)\n' "$1" "$2" >&2
         return 0
     fi
-    mkdir -p "$(dirname "$1")" || fatal "cannot create $(dirname "$1")"
+    public_dirs "$(dirname "$1")" || fatal "cannot create $(dirname "$1")"
     cat >"$1.tmp.$$" || fatal "cannot write $1"
     if ! chmod "$2" "$1.tmp.$$" || ! mv -f "$1.tmp.$$" "$1"; then
         rm -f "$1.tmp.$$"
         fatal "cannot install $1"
     fi
+}
+
+# public_dirs DIR: DIR and its missing parents, mode 0755 whatever the umask (a
+# program's directory, /etc/systemd/system in an image root).
+public_dirs() {
+    (umask 022 && mkdir -p "$1")
 }
 
 # remove_files PATH...: those that exist (files or links), through run.
@@ -569,7 +575,7 @@ keep_previous() {
 restore_previous() {
     (cd "$WORK/previous" && find . -type f) | while read -r restore_path; do
         restore_path=${restore_path#.}
-        mkdir -p "$(dirname "$restore_path")"
+        public_dirs "$(dirname "$restore_path")"
         cp -p "$WORK/previous$restore_path" "$restore_path"
     done
     [ "$INIT" = systemd ] && systemctl daemon-reload >/dev/null 2>&1
@@ -618,8 +624,9 @@ compile_program() {
         rm -rf "$MODULE_DIR/__pycache__"
         # dfile: the path as the target sees it, so that an image's bytecode is the same
         # whatever directory it was built in, and tracebacks name the real file.
-        "$compile_python" -I -S -c 'import py_compile, sys; py_compile.compile(sys.argv[1], dfile=sys.argv[2], doraise=True)' \
-            "$MODULE_DIR/synchook.py" "$PREFIX/lib/synchook/synchook.py" || fatal "cannot compile $MODULE_DIR/synchook.py"
+        # umask 022: __pycache__ 0755 and the bytecode 0644, as the source.
+        (umask 022 && "$compile_python" -I -S -c 'import py_compile, sys; py_compile.compile(sys.argv[1], dfile=sys.argv[2], doraise=True)' \
+            "$MODULE_DIR/synchook.py" "$PREFIX/lib/synchook/synchook.py") || fatal "cannot compile $MODULE_DIR/synchook.py"
     else
         info "$PYTHON does not run on this machine: no bytecode compiled, synchook runs from source (about 5 MB more memory)"
     fi
@@ -748,7 +755,9 @@ start() {
     if running; then echo "synchook is already running"; return 0; fi
     # Until it listens, synchook copies its log lines to stderr, kept in STARTLOG:
     # a failed start's own error line (a bad setting, a port in use) is shown here.
-    "\$PYTHON" -I -S "\$PROGRAM" --config "\$CONFIG" --syslog </dev/null >/dev/null 2>"\$STARTLOG" &
+    # Made 0600 first: the lines name the commands, which may hold a password.
+    rm -f "\$STARTLOG"; (umask 077 && : >"\$STARTLOG")
+    "\$PYTHON" -I -S "\$PROGRAM" --config "\$CONFIG" --syslog </dev/null >/dev/null 2>>"\$STARTLOG" &
     echo \$! > "\$PIDFILE"
     # 20 s to listen; longer while it first closes a window a dead run left open
     # (its post phase may run a command for up to the timeout).
@@ -797,8 +806,8 @@ RC_BEGIN="# BEGIN synchook (managed by install.sh; removed by install.sh --unins
 RC_END="# END synchook"
 
 rc_local_start() {
-    printf '%s --syslog </dev/null >/dev/null 2>%s &\necho $! > %s' \
-        "$(daemon_command)" "$START_LOG" "$PID_FILE"
+    printf 'rm -f %s; (umask 077 && : >%s)\n%s --syslog </dev/null >/dev/null 2>>%s &\necho $! > %s' \
+        "$START_LOG" "$START_LOG" "$(daemon_command)" "$START_LOG" "$PID_FILE"
 }
 
 rc_local_block() {
@@ -842,7 +851,7 @@ install_service() {
         systemd)
             systemd_unit | write_file "$(service_file)" 0644
             if [ -n "$ROOT" ]; then
-                run mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
+                run public_dirs "$ROOT/etc/systemd/system/multi-user.target.wants"
                 run ln -sf "/etc/systemd/system/$SERVICE.service" \
                     "$ROOT/etc/systemd/system/multi-user.target.wants/$SERVICE.service"
             else
@@ -852,7 +861,7 @@ install_service() {
         openrc)
             openrc_script | write_file "$(service_file)" 0755
             if [ -n "$ROOT" ]; then
-                run mkdir -p "$ROOT/etc/runlevels/default"
+                run public_dirs "$ROOT/etc/runlevels/default"
                 run ln -sf "/etc/init.d/$SERVICE" "$ROOT/etc/runlevels/default/$SERVICE"
             else
                 run rc-update add "$SERVICE" default >/dev/null || warn "rc-update add failed"
@@ -892,10 +901,13 @@ start_service() {
             || { warn "systemctl restart $SERVICE failed"; return 1; } ;;
         openrc) run rc-service "$SERVICE" restart \
             || { warn "rc-service $SERVICE restart failed"; return 1; } ;;
-        sysv) run "$(sysv_script)" restart || { warn "$(sysv_script) restart failed"; return 1; } ;;
+        # umask 022: synchook and its commands as the init system would start them,
+        # not with install.sh's own 077.
+        sysv) (umask 022 && run "$(sysv_script)" restart) \
+            || { warn "$(sysv_script) restart failed"; return 1; } ;;
         rc.local)
             stop_rc_local
-            run sh -c "$(rc_local_start)" ;;
+            (umask 022 && run sh -c "$(rc_local_start)") ;;
         none) return 0 ;;
     esac
 }
@@ -1042,6 +1054,13 @@ open_firewall() {
         warn "--open-firewall: not done in an image (--root); open port $fw_port/tcp in the image's firewall configuration"
         return 0
     fi
+    # Each source goes into a firewall command: addresses and networks only (synchook
+    # has parsed them; this keeps any other character out of the commands below).
+    for fw_source in $fw_sources; do
+        case $fw_source in
+            *[!0-9A-Fa-f:./]*|'') fatal "--allow $fw_source: not an address or a network" ;;
+        esac
+    done
     : >"$WORK/firewall-undo"
     if have firewall-cmd && firewall-cmd --state >/dev/null 2>&1; then
         if [ -z "$fw_sources" ]; then
@@ -1276,6 +1295,9 @@ main() {
         main_index=$((main_index + 1))
         [ $main_index -lt $main_count ] && set -- "$@" "$main_arg"
     done
+    # Nothing written is readable by others unless given its mode (write_file,
+    # public_dirs): a temporary config holding the secret included.
+    umask 077
     parse_args "$@"
     if [ "$DRY_RUN" != 1 ] && [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
         fatal "run install.sh as root (or with --root DIR to install into a directory)"

@@ -801,6 +801,9 @@ def parse_allow(text):
 
 def parse_network(entry):
     """One --allow entry: an address or a CIDR block written as such."""
+    if "%" in entry:                   # Python takes fe80::1%<anything> as an address
+        raise ConfigError("%r: a zone (%%...) has no place in --allow: give the address "
+                          "without it" % entry)
     bare = entry.replace("[", "").replace("]", "")
     address, slash, prefix = bare.partition("/")
     try:

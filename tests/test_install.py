@@ -458,6 +458,31 @@ def test_rcs_that_runs_no_s_scripts_gets_no_s99(tmp_path):
     assert "nothing will start /etc/init.d/synchook at boot" in out.stderr
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+def test_nothing_written_is_open_to_others_whatever_the_umask(shell, tmp_path):
+    """Under umask 000 as under 077: directories and programs 0755, the module and
+    its bytecode 0644, the config 0600; nothing writable by group or others."""
+    root = make_root(tmp_path, "systemd")
+    out = run(["sh", "-c", 'umask 000; exec "$@"', "sh"] + shell +
+              [INSTALL, "--root", str(root), "--secret", "S3cret", "--sync", "true"],
+              env=clean_env())
+    assert out.returncode == 0, out.stderr
+    files = tree(root)
+    assert files["usr/local/sbin/synchook"][0] == "0o755"
+    assert files["usr/local/lib/synchook/synchook.py"][0] == "0o644"
+    assert files["etc/synchook.conf"][0] == "0o600"
+    for dirpath, dirnames, filenames in os.walk(str(root)):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            mode = os.stat(path).st_mode
+            assert not mode & 0o022, "%s is mode %o" % (path, mode & 0o7777)
+    for directory in ("usr/local/lib/synchook", "usr/local/lib/synchook/__pycache__",
+                      "etc/systemd/system/multi-user.target.wants"):
+        assert oct(os.stat(str(root / directory)).st_mode & 0o777) == "0o755", directory
+
+
 # Failures fail -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -466,6 +491,7 @@ def test_rcs_that_runs_no_s_scripts_gets_no_s99(tmp_path):
     (["--allow", "10.0.0.5/8"], "did you mean 10.0.0.0/8"),
     (["--port", "99999"], "port out of range"),
     (["--port", "0"], "--port 0: a service needs a fixed port"),
+    (["--allow", "fe80::1%x;touch${IFS}F;#"], "a zone (%...) has no place in --allow"),
 ])
 def test_bad_setting_is_refused_before_anything_is_written(shell, tmp_path, args, shown):
     root = make_root(tmp_path, "sysv")
@@ -610,6 +636,10 @@ def test_sysv_script_really_starts_reports_and_stops(private_system):
     assert status.returncode == 0 and "is running" in status.stdout
     pid = int(open(system.path("/run/synchook.pid")).read())
     assert answers(port)
+    # The start log names the commands (a password in --sync): root's alone.
+    assert oct(os.stat(system.path("/run/synchook.start")).st_mode & 0o777) == "0o600"
+    with open("/proc/%d/status" % pid) as handle:       # started as an init would start it
+        assert "Umask:\t0022" in handle.read()
     if os.path.exists("/usr/bin/python3"):        # the distribution's, never a pyenv one
         assert open(system.path("/usr/local/sbin/synchook")).readline() == \
             "#!/usr/bin/python3 -ISB\n"
