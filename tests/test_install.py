@@ -276,7 +276,9 @@ def test_truncated_script_installs_nothing(shell, tmp_path):
             [data.rindex(b"main ") + 3, data.rindex(b"main "), data.rindex(b"main ") + 5,
              data.rindex(b"main ") + 10, len(data) - 2])
     before = {}
-    for cut in sorted(set(cuts)):
+    # A cut of the final newline alone leaves the whole script: it runs, as it should
+    # (one of the evenly spaced cuts lands there when the length is a multiple of 25).
+    for cut in sorted(set(cut for cut in cuts if cut < len(data) - 1)):
         root = make_root(tmp_path, "x%d" % cut)
         before[cut] = tree(root)
         proc = subprocess.run(shell + ["-s", "--", "--root", str(root), "--from", SYNCHOOK,
