@@ -215,15 +215,21 @@ def test_log_in_a_file_never_stops_with_windows_back_to_back(tmp_path):
     writer ended there in about one round in three, and every later line was
     lost."""
     import threading
-    proc, port, path = daemon_logging_to_file(tmp_path, "--sync", "true",
-                                              "--post-sync", "sleep 0.05")
+    running = tmp_path / "post-running"
+    proc, port, path = daemon_logging_to_file(tmp_path, "--sync", "true", "--post-sync",
+                                              "touch %s; sleep 0.05" % running)
     try:
         for round_ in range(25):
             assert http_get(port, "/sync")[0] == 200
             second = threading.Thread(target=lambda: http_get(port, "/sync"))
             post = threading.Thread(target=lambda: http_get(port, "/post-sync"))
+            if running.exists():
+                running.unlink()                       # the last round's final post phase
             post.start()
-            time.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while not running.exists():                # the post phase runs: now the next
+                assert time.monotonic() < deadline     # /sync, as XO's second snapshot
+                time.sleep(0.002)
             second.start()
             post.join(10)
             second.join(10)
