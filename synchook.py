@@ -490,6 +490,7 @@ class SpillFile:
         self.path = path
         self.fd = None
         self.size = 0
+        self.inherited = False         # lines an earlier run held and never wrote out
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
                          os.O_CLOEXEC, 0o600)
@@ -501,8 +502,6 @@ class SpillFile:
             return
         self.fd, self.size = fd, st.st_size
         self.inherited = bool(st.st_size)
-
-    inherited = False
 
     def write(self, text):
         if self.fd is None:
@@ -4911,23 +4910,6 @@ def fd_path(fd, path):
     """A name that opens the file already open as fd (Linux /proc), else path."""
     proc = "/proc/self/fd/%d" % fd
     return proc if os.path.exists(proc) else path
-
-
-def write_in_new_file(path, data, keep=False):
-    """Create path (never an existing name, never through a symlink), 0600,
-    holding data: in a private directory, three system calls instead of five.
-    keep=True: returns the descriptor (appending), open."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC |
-                 os.O_APPEND, 0o600)
-    try:
-        write_all(fd, data)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not keep:
-        os.close(fd)
-        return None
-    return fd
 
 
 def write_all(fd, data):
