@@ -2884,6 +2884,7 @@ class SyncWindow:
             self.opened_at = self.opened_mono = self.opened_by = None
             self.post_rest, self.post_results, self.post_done = None, [], []
             self.owed, self.tries = None, 0
+            self.window_phases = self.phases     # a recovery's steps end with its window
             self.watchdog_stale = True
         self.marker.close_window()
         if self.guardian is not None:
