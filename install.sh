@@ -48,7 +48,7 @@ DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under ski
 timeout max-hold listen port tls
 tls-cert tls-key secret secret-file allow header-timeout max-connections runtime-dir state-dir
 log-level"
-INSTALLER_VERSION="1.5.0"      # the synchook release this install.sh comes with
+INSTALLER_VERSION="1.6.0"      # the synchook release this install.sh comes with
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
 CONFIG_FILE=/etc/synchook.conf
 SERVICE=synchook
@@ -186,7 +186,8 @@ checksum() {
 
 # A fingerprint of everything installed, to restart only when something changed.
 fingerprint() {
-    for fingerprint_f in "$PROGRAM" "$MODULE_DIR/synchook.py" "$ROOT$CONFIG_FILE" "$(service_file)"; do
+    for fingerprint_f in "$PROGRAM" "$MODULE_DIR/synchook.py" "$ROOT$CONFIG_FILE" "$(service_file)" \
+            "$(socket_file)"; do
         [ -f "$fingerprint_f" ] && checksum "$fingerprint_f"
     done
     return 0
@@ -422,6 +423,12 @@ service_file() {
     esac
 }
 
+# systemd's socket unit: PID 1 holds the port from boot on, across synchook's
+# restarts and crashes, so that no local user can bind it meanwhile.
+socket_file() {
+    printf '%s' "$ROOT/etc/systemd/system/$SERVICE.socket"
+}
+
 # --- getting synchook.py ---------------------------------------------------
 
 fetch() {
@@ -526,6 +533,17 @@ for name, key in (("port", "SYNCHOOK_PORT"), ("listen", "SYNCHOOK_LISTEN"),
         out.write(effective[key] or "")
 with open(os.path.join(work, "secret"), "w") as out:
     out.write("yes" if effective["SYNCHOOK_SECRET"] or effective["SYNCHOOK_SECRET_FILE"] else "")
+# systemd's ListenStream= for synchook.socket: an address (systemd resolves no
+# name: a --listen name leaves the binding to synchook, without the socket unit).
+host, port = synchook.parse_listen(effective["SYNCHOOK_LISTEN"] or ""), effective["SYNCHOOK_PORT"]
+try:
+    address = synchook.ipaddress.ip_address(host) if host else None
+    stream = port if host in ("", "::") else (
+        "[%s]:%s" % (address, port) if address.version == 6 else "%s:%s" % (address, port))
+except ValueError:
+    stream = ""
+with open(os.path.join(work, "listen_stream"), "w") as out:
+    out.write(stream)
 PY
     # The new program judges the new settings before anything is written.
     if ! merge_check=$("$HOST_PYTHON" -I -S "$WORK/synchook.py" check --parse-only \
@@ -555,11 +573,17 @@ PY
 # synchook does not start, the old one is put back and started again, so a guest is
 # never left without its agent by a re-install.
 PREVIOUS=0
+PREVIOUS_KIND=""
 keep_previous() {
     [ -n "$ROOT" ] || [ "$DRY_RUN" = 1 ] && return 0
     [ -f "$MODULE_DIR/synchook.py" ] || [ -f "$ROOT$CONFIG_FILE" ] || return 0
     mkdir -p "$WORK/previous" || return 0
-    for keep_path in "$PROGRAM" "$ROOT$CONFIG_FILE" "$(service_file)" "$ROOT/etc/rc.local"; do
+    # The service kind installed before, whose launcher remove_launchers is about
+    # to remove when --init changes it: kept to be put back too.
+    PREVIOUS_KIND=$(installed_kind)
+    for keep_path in "$PROGRAM" "$ROOT$CONFIG_FILE" "$(service_file)" "$(socket_file)" \
+            "$ROOT/etc/rc.local" "$ROOT$FIREWALL_UNDO" \
+            "$(INIT=${PREVIOUS_KIND:-$INIT} service_file)"; do
         if [ -n "$keep_path" ] && [ -f "$keep_path" ]; then
             mkdir -p "$WORK/previous$(dirname "$keep_path")"
             cp -p "$keep_path" "$WORK/previous$keep_path" || return 0
@@ -573,12 +597,24 @@ keep_previous() {
 }
 
 restore_previous() {
+    rollback_firewall
+    if [ -n "$PREVIOUS_KIND" ] && [ "$PREVIOUS_KIND" != "$INIT" ]; then
+        info "putting the $PREVIOUS_KIND service back in place of the $INIT one"
+        remove_launcher "$INIT"
+        INIT=$PREVIOUS_KIND
+    fi
     (cd "$WORK/previous" && find . -type f) | while read -r restore_path; do
         restore_path=${restore_path#.}
         public_dirs "$(dirname "$restore_path")"
         cp -p "$WORK/previous$restore_path" "$restore_path"
     done
-    [ "$INIT" = systemd ] && systemctl daemon-reload >/dev/null 2>&1
+    case $INIT in
+        systemd) systemctl daemon-reload >/dev/null 2>&1
+            [ -f "$(socket_file)" ] && systemctl enable "$SERVICE.socket" >/dev/null 2>&1
+            systemctl enable "$SERVICE" >/dev/null 2>&1 ;;
+        openrc) rc-update add "$SERVICE" default >/dev/null 2>&1 ;;
+        sysv) enable_sysv ;;
+    esac
     start_service
 }
 
@@ -653,12 +689,16 @@ stop_wait() {
 }
 
 systemd_unit() {
+    unit_socket=""
+    uses_socket && unit_socket="Requires=$SERVICE.socket
+After=$SERVICE.socket
+"
     cat <<UNIT
 [Unit]
 Description=synchook: Xen Orchestra VM sync hook agent
 After=network-online.target
 Wants=network-online.target
-
+${unit_socket}
 [Service]
 Type=notify
 ExecStart=$(daemon_command)
@@ -686,6 +726,28 @@ OOMPolicy=continue
 [Install]
 WantedBy=multi-user.target
 UNIT
+}
+
+# synchook.socket binds --listen's address (every address, IPv4 and IPv6, by
+# default) and --port; a --listen name (systemd resolves none) goes without it.
+uses_socket() {
+    [ "$INIT" = systemd ] && [ -n "$(effective listen_stream)" ]
+}
+
+systemd_socket() {
+    cat <<SOCKET
+[Unit]
+Description=synchook's port, held by systemd across synchook's restarts and crashes
+
+[Socket]
+ListenStream=$(effective listen_stream)
+BindIPv6Only=both
+Backlog=1024
+NoDelay=true
+
+[Install]
+WantedBy=sockets.target
+SOCKET
 }
 
 openrc_script() {
@@ -751,6 +813,41 @@ running() {
     [ -f "\$PIDFILE" ] && alive "\$(cat "\$PIDFILE")"
 }
 
+# Does synchook PID restart in place on SIGUSR2 (1.6 and later)?  Its mask of
+# caught signals says so (bit 12); an older one would die of the signal.
+restarts_in_place() {
+    caught=\$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/\$1/status" 2>/dev/null)
+    caught=\${caught#????????}
+    [ -n "\$caught" ] && [ \$(( 0x\$caught & 0x800 )) != 0 ]
+}
+
+# synchook runs itself again in the same process, keeping its listening socket:
+# the port is never free, connections wait.  An open window closes first.
+restart() {
+    if ! running || ! restarts_in_place "\$(cat "\$PIDFILE")"; then stop; start; return; fi
+    pid=\$(cat "\$PIDFILE")
+    : >"\$STARTLOG"
+    kill -USR2 "\$pid"
+    waited=0
+    while [ \$waited -lt \$STOP_WAIT ]; do
+        listening "\$pid" "restarted in place (pid \$pid)" && return 0
+        [ \$? = 1 ] && return 1
+        sleep 0.5 2>/dev/null || sleep 1
+        waited=\$((waited + 1))
+    done
+    echo "synchook restarts in place once its open window closes (synchook status)"; return 1
+}
+
+# listening PID DONE: 0 (DONE said) once STARTLOG says synchook listens, 1 (its log
+# shown) if PID died, 2 while neither.
+listening() {
+    if ! alive "\$1"; then
+        echo "synchook failed to start:"; cat "\$STARTLOG"; rm -f "\$PIDFILE"; return 1
+    fi
+    grep -q ' listening on ' "\$STARTLOG" 2>/dev/null || return 2
+    echo "synchook \$2"
+}
+
 start() {
     if running; then echo "synchook is already running"; return 0; fi
     # Until it listens, synchook copies its log lines to stderr, kept in STARTLOG:
@@ -764,12 +861,8 @@ start() {
     waited=0
     while [ \$waited -lt 40 ] || { [ \$waited -lt \$((STOP_WAIT * 2)) ] \\
             && grep -q 'ended with a window open' "\$STARTLOG" 2>/dev/null; }; do
-        if ! running; then
-            echo "synchook failed to start:"; cat "\$STARTLOG"; rm -f "\$PIDFILE"; return 1
-        fi
-        if grep -q ' listening on ' "\$STARTLOG" 2>/dev/null; then
-            echo "synchook started"; return 0
-        fi
+        listening "\$(cat "\$PIDFILE")" started && return 0
+        [ \$? = 1 ] && return 1
         sleep 0.5 2>/dev/null || sleep 1
         waited=\$((waited + 1))
     done
@@ -793,7 +886,7 @@ stop() {
 case "\$1" in
     start) start ;;
     stop) stop ;;
-    restart|force-reload) stop; start ;;
+    restart|force-reload) restart ;;
     status)
         if running; then echo "synchook is running (pid \$(cat "\$PIDFILE"))"; exit 0; fi
         echo "synchook is not running"; exit 3 ;;
@@ -850,6 +943,7 @@ install_service() {
     case $INIT in
         systemd)
             systemd_unit | write_file "$(service_file)" 0644
+            install_socket
             if [ -n "$ROOT" ]; then
                 run public_dirs "$ROOT/etc/systemd/system/multi-user.target.wants"
                 run ln -sf "/etc/systemd/system/$SERVICE.service" \
@@ -875,6 +969,32 @@ install_service() {
     esac
 }
 
+# synchook.socket written (and enabled), or removed where --listen is a name.
+SOCKET_CHANGED=0
+install_socket() {
+    socket_before=$(checksum "$(socket_file)" 2>/dev/null)
+    if uses_socket; then
+        systemd_socket | write_file "$(socket_file)" 0644
+        if [ -n "$ROOT" ]; then
+            run public_dirs "$ROOT/etc/systemd/system/sockets.target.wants"
+            run ln -sf "/etc/systemd/system/$SERVICE.socket" \
+                "$ROOT/etc/systemd/system/sockets.target.wants/$SERVICE.socket"
+        fi
+    else
+        remove_socket
+    fi
+    [ "$socket_before" != "$(checksum "$(socket_file)" 2>/dev/null)" ] && SOCKET_CHANGED=1
+    return 0
+}
+
+remove_socket() {
+    [ -f "$(socket_file)" ] || return 0
+    if [ -z "$ROOT" ] && have systemctl && [ -d /run/systemd/system ]; then
+        run systemctl disable --now "$SERVICE.socket" >/dev/null 2>&1
+    fi
+    remove_files "$(socket_file)" "$ROOT/etc/systemd/system/sockets.target.wants/$SERVICE.socket"
+}
+
 # Start links in rc?.d, by the distribution's tool where it has one, else by hand.
 enable_sysv() {
     case $(sysv_script) in */S99synchook) return 0 ;; esac     # rcS runs it
@@ -897,8 +1017,7 @@ enable_sysv() {
 # Non-zero when the service manager says the start failed (start_failed tells why).
 start_service() {
     case $INIT in
-        systemd) run systemctl restart "$SERVICE" \
-            || { warn "systemctl restart $SERVICE failed"; return 1; } ;;
+        systemd) start_systemd ;;
         openrc) run rc-service "$SERVICE" restart \
             || { warn "rc-service $SERVICE restart failed"; return 1; } ;;
         # umask 022: synchook and its commands as the init system would start them,
@@ -906,10 +1025,41 @@ start_service() {
         sysv) (umask 022 && run "$(sysv_script)" restart) \
             || { warn "$(sysv_script) restart failed"; return 1; } ;;
         rc.local)
+            restart_rc_local_in_place && return 0
             stop_rc_local
             (umask 022 && run sh -c "$(rc_local_start)") ;;
         none) return 0 ;;
     esac
+}
+
+# The socket is restarted only when its address changed (the port is free for
+# that moment only); else synchook alone, on the socket systemd keeps.
+start_systemd() {
+    if uses_socket && [ "$SOCKET_CHANGED" = 1 ]; then
+        run systemctl stop "$SERVICE.service" "$SERVICE.socket"
+        run systemctl enable "$SERVICE.socket" >/dev/null 2>&1 || warn "systemctl enable $SERVICE.socket failed"
+        run systemctl start "$SERVICE.socket" \
+            || { warn "systemctl start $SERVICE.socket failed (is port $(effective port) in use?)"; return 1; }
+    fi
+    run systemctl restart "$SERVICE" || { warn "systemctl restart $SERVICE failed"; return 1; }
+}
+
+# As the SysV script's restart: SIGUSR2 to a synchook that restarts in place.
+restart_rc_local_in_place() {
+    [ "$DRY_RUN" != 1 ] && [ -f "$PID_FILE" ] || return 1
+    in_place_pid=$(cat "$PID_FILE")
+    pid_alive "$in_place_pid" || return 1
+    in_place_caught=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$in_place_pid/status" 2>/dev/null)
+    in_place_caught=${in_place_caught#????????}
+    [ -n "$in_place_caught" ] && [ $(( 0x$in_place_caught & 0x800 )) != 0 ] || return 1
+    : >"$START_LOG"
+    run kill -USR2 "$in_place_pid"
+    in_place_waited=0
+    while pid_alive "$in_place_pid" && [ $in_place_waited -lt $(( $(stop_wait) * 2 )) ]; do
+        grep -q ' listening on ' "$START_LOG" 2>/dev/null && info "synchook restarted in place" && return 0
+        nap; in_place_waited=$((in_place_waited + 1))
+    done
+    return 1
 }
 
 stop_rc_local() {
@@ -1061,7 +1211,13 @@ open_firewall() {
             *[!0-9A-Fa-f:./]*|'') fatal "--allow $fw_source: not an address or a network" ;;
         esac
     done
+    # The rules an earlier --open-firewall opened are closed first: a changed
+    # --allow or --port leaves no old rule behind, and a re-run opens nothing twice.
     : >"$WORK/firewall-undo"
+    : >"$WORK/firewall-opened"
+    cp "$ROOT$FIREWALL_UNDO" "$WORK/firewall-old" 2>/dev/null || : >"$WORK/firewall-old"
+    FIREWALL_CHANGED=1
+    run_firewall_lines undo <"$WORK/firewall-old"
     if have firewall-cmd && firewall-cmd --state >/dev/null 2>&1; then
         if [ -z "$fw_sources" ]; then
             fw_open firewalld "firewall-cmd --permanent --add-port=$fw_port/tcp" \
@@ -1072,8 +1228,7 @@ open_firewall() {
             fw_open firewalld "firewall-cmd --permanent --add-rich-rule='$fw_rule'" \
                 "firewall-cmd --permanent --remove-rich-rule='$fw_rule'"
         done
-        run firewall-cmd --reload >/dev/null || fatal "firewall-cmd --reload failed"
-        printf '%s\n' "firewall-cmd --reload" >>"$WORK/firewall-undo"
+        fw_open firewalld "firewall-cmd --reload" "firewall-cmd --reload"
     elif have ufw && ufw status 2>/dev/null | grep -q '^Status: active'; then
         if [ -z "$fw_sources" ]; then
             fw_open ufw "ufw allow $fw_port/tcp" "ufw delete allow $fw_port/tcp"
@@ -1082,18 +1237,31 @@ open_firewall() {
             fw_open ufw "ufw allow from $fw_source to any port $fw_port proto tcp" \
                 "ufw delete allow from $fw_source to any port $fw_port proto tcp"
         done
+        # After the allows (ufw keeps their order): anyone else is refused at once,
+        # not dropped (XO left out of --allow would wait its whole 60 s timeout).
+        [ -n "$fw_sources" ] && fw_open ufw "ufw reject $fw_port/tcp" "ufw delete reject $fw_port/tcp"
     elif have nft && nft list chain inet filter input >/dev/null 2>&1; then
-        # insert, not add: a rule appended after a final drop never matches.
-        if [ -z "$fw_sources" ]; then
+        # Removed by its comment: nft deletes rules by handle.
+        printf '%s\n' "nft_delete_synchook_rules" >>"$WORK/firewall-undo"
+        # insert, not add: a rule appended after a final drop never matches.  The
+        # reset first, so that the accepts inserted next come before it: anyone
+        # else is refused at once, not dropped (XO would wait its 60 s timeout).
+        if [ -n "$fw_sources" ]; then
+            fw_open nftables "nft insert rule inet filter input tcp dport $fw_port reject with tcp reset comment synchook" ""
+        else
             fw_open nftables "nft insert rule inet filter input tcp dport $fw_port accept comment synchook" ""
         fi
         for fw_source in $fw_sources; do
             fw_open nftables "nft insert rule inet filter input $(fw_nft_family "$fw_source") saddr $fw_source tcp dport $fw_port accept comment synchook" ""
         done
-        # Removed by its comment: nft deletes rules by handle.
-        printf '%s\n' "nft_delete_synchook_rules" >>"$WORK/firewall-undo"
         warn "nftables: rules inserted in inet filter input for this boot; add them to /etc/nftables.conf to keep them"
     elif have iptables && iptables -S INPUT >/dev/null 2>&1; then
+        # As for nftables: the reset first, the accepts inserted before it.
+        for fw_cmd in iptables $(have ip6tables && printf ip6tables); do
+            [ -n "$fw_sources" ] || break
+            fw_spec="INPUT -p tcp --dport $fw_port -j REJECT --reject-with tcp-reset -m comment --comment synchook"
+            fw_open "$fw_cmd" "$fw_cmd -I $fw_spec" "$fw_cmd -D $fw_spec"
+        done
         for fw_source in ${fw_sources:-any}; do
             fw_tool=iptables
             [ "$(fw_family "$fw_source")" = ipv6 ] && fw_tool=ip6tables
@@ -1111,15 +1279,51 @@ open_firewall() {
         info "--open-firewall: no active firewall found (firewalld, ufw, nftables, iptables): nothing to open"
         return 0
     fi
-    # What --uninstall runs to close it again.
-    write_file "$ROOT$FIREWALL_UNDO" 0600 <"$WORK/firewall-undo"
+    # What --uninstall (or the next --open-firewall) runs to close it again, and,
+    # as "# opened:" lines, what a failed re-install runs to open it again.
+    sed 's/^/# opened: /' "$WORK/firewall-opened" | cat - "$WORK/firewall-undo" \
+        | write_file "$ROOT$FIREWALL_UNDO" 0600
 }
 
-# fw_open NAME COMMAND UNDO: run COMMAND (a line of words, quoted for eval), keep UNDO.
+# fw_open NAME COMMAND UNDO: run COMMAND (a line of words made by open_firewall from
+# checked values), keep UNDO.  A failure closes what this run opened, opens the
+# earlier rules again, and fails the install before anything else is written.
 fw_open() {
-    eval "run $2" >/dev/null || fatal "$1 could not open port $fw_port/tcp ($2)"
+    if ! eval "run $2" >/dev/null; then
+        rollback_firewall
+        fatal "$1 could not open port $fw_port/tcp ($2): nothing installed, the firewall as it was"
+    fi
     info "$1: $2"
+    printf '%s\n' "$2" >>"$WORK/firewall-opened"
     [ -n "$3" ] && printf '%s\n' "$3" >>"$WORK/firewall-undo"
+    return 0
+}
+
+# The firewall as it was before this run (a failed open, a failed start).
+FIREWALL_CHANGED=0
+rollback_firewall() {
+    [ "$FIREWALL_CHANGED" = 1 ] || return 0
+    FIREWALL_CHANGED=0
+    run_firewall_lines undo <"$WORK/firewall-undo"
+    run_firewall_lines opened <"$WORK/firewall-old"
+    if [ -s "$WORK/firewall-old" ]; then
+        write_file "$ROOT$FIREWALL_UNDO" 0600 <"$WORK/firewall-old"
+    else
+        remove_files "$ROOT$FIREWALL_UNDO"
+    fi
+}
+
+# run_firewall_lines undo|opened: the lines of a firewall file (stdin) of that
+# kind, each run as written (install.sh wrote them; the file is root's, 0600).
+run_firewall_lines() {
+    while IFS= read -r fw_line; do
+        case $1:$fw_line in
+            undo:'#'*|undo:|opened:) continue ;;
+            opened:'# opened: '*) fw_line=${fw_line#'# opened: '} ;;
+            opened:*) continue ;;
+        esac
+        eval "run $fw_line" >/dev/null 2>&1 && info "firewall: $fw_line"
+    done
     return 0
 }
 
@@ -1141,10 +1345,7 @@ nft_delete_synchook_rules() {
 # What --open-firewall opened, closed again (--uninstall).
 close_firewall() {
     [ -f "$ROOT$FIREWALL_UNDO" ] || return 0
-    while read -r close_line; do
-        [ -n "$close_line" ] && eval "run $close_line" >/dev/null 2>&1 \
-            && info "firewall: $close_line"
-    done <"$ROOT$FIREWALL_UNDO"
+    run_firewall_lines undo <"$ROOT$FIREWALL_UNDO"
     remove_files "$ROOT$FIREWALL_UNDO"
 }
 
@@ -1155,6 +1356,7 @@ close_firewall() {
 remove_launcher() {
     case $1 in
         systemd)
+            remove_socket            # first: a connection would start synchook again
             if [ -z "$ROOT" ] && have systemctl && [ -d /run/systemd/system ]; then
                 run systemctl disable --now "$SERVICE" >/dev/null 2>&1
             fi
@@ -1231,8 +1433,27 @@ installed_program() {
     done
 }
 
+# config_value PROGRAM NAME: NAME's value in the installed config as that installed
+# synchook reads it (its own parser: sh quoting, export, comments), or nothing.
+config_value() {
+    [ -f "$ROOT$CONFIG_FILE" ] && [ -n "$1" ] || return 0
+    value_python=$(sed -n '1s/^#!\([^ ]*\).*/\1/p' "$1" 2>/dev/null)
+    for value_python in "$ROOT$value_python" python3; do
+        "$value_python" -I -S - "${1%/sbin/synchook}/lib/synchook" "$ROOT$CONFIG_FILE" "$2" \
+                <<'PY' 2>/dev/null && return 0
+import sys
+sys.dont_write_bytecode = True
+sys.path.insert(0, sys.argv[1])
+import synchook
+print(synchook.read_config_file(sys.argv[2]).get(sys.argv[3], ("",))[0])
+PY
+    done
+    return 0
+}
+
 uninstall() {
     uninstall_program=$(installed_program)
+    uninstall_state=$(config_value "$uninstall_program" SYNCHOOK_STATE_DIR)
     remove_launchers ""
     remove_files "$PROGRAM" "$uninstall_program"
     for uninstall_lib in "$MODULE_DIR" "${uninstall_program%/sbin/synchook}/lib/synchook"; do
@@ -1244,7 +1465,6 @@ uninstall() {
     uninstall_done="removed"
     [ "$DRY_RUN" = 1 ] && uninstall_done="would remove (dry run: nothing changed)"
     if [ "$PURGE" = 1 ]; then
-        uninstall_state=$(sed -n "s/^SYNCHOOK_STATE_DIR=//p" "$ROOT$CONFIG_FILE" 2>/dev/null | tail -n 1 | tr -d "'")
         uninstall_state=${uninstall_state:-/var/lib/synchook}
         run rm -rf "$ROOT$CONFIG_FILE" "$ROOT$uninstall_state"
         remove_files "$ROOT$FILE_LOG"
@@ -1313,11 +1533,12 @@ main() {
     merge_settings                       # checked by the new program: nothing written yet
     before=$(fingerprint)
     keep_previous
+    # The firewall first: if it cannot be opened, nothing else is written.
+    [ "$OPEN_FIREWALL" = 1 ] && open_firewall
     remove_launchers "$INIT"             # another kind installed before: stopped, removed
     install_program
     install_config
     install_service
-    [ "$OPEN_FIREWALL" = 1 ] && open_firewall
     after=$(fingerprint)
     if [ "$NO_START" != 1 ] && [ "$DRY_RUN" = 1 ] && [ "$INIT" != none ]; then
         start_service                      # prints what it would run

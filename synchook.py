@@ -30,7 +30,8 @@ sections are:
                         and its timer
   HTTP                  one handler: strict, bounded parsing; nothing reaches a shell
   The server            connection threads, signals, TLS detection, allow-list,
-                        the cap
+                        the cap (XO's connections before strangers'), the socket
+                        systemd passes (synchook.socket), the restart in place
   TLS                   a self-signed certificate from the standard library
   call, check, ...      the admin's tools: call, tag, thaw, status, check
   serve, and main       start-up order (lock, recovery, guardian, then the rest),
@@ -81,7 +82,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -122,6 +123,7 @@ FD_RESERVE = 24                    # descriptors kept for the post phase, never 
 ACCEPT_PAUSE = 0.25                # out of descriptors: accept nothing for this long
 MAX_REQUESTS = 100                 # requests on one connection; then it is closed
 STATUS_ONLY_CONNECTIONS = 4        # connections of loopback clients --allow leaves out
+KNOWN_CLIENTS = 64                 # addresses remembered as having sent a valid request
 LOCK_FILE = "lock"                 # inside --runtime-dir: held by whoever acts on the marker
 LOCK_WAIT = 600.0                  # at start, how long a recovery under way may keep it
 RECOVER_RETRY = 60.0               # a recovery's post phase that cannot start: tried this long
@@ -147,8 +149,12 @@ THAW_TRIES = 5                     # a recovery's lookups of a mount whose path 
 GUARDIAN_GRACE = 5.0               # past a window's deadline, the guardian kills a daemon
                                    # that has not released it (stopped, hung)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+LISTEN_FD = 3                      # the listening socket passed by systemd (LISTEN_FDS,
+                                   # sd_listen_fds(3)) or kept by a restart in place
+REEXEC_NAME = "synchook-reexec"    # LISTEN_FDNAMES of a socket kept by a restart in place
 CLOCK_BOOTTIME = 7                 # Linux's clock id (time.CLOCK_BOOTTIME is 3.7+)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")   # the unit of a start time in /proc/PID/stat
+WRONG_SECRET = "forbidden: missing or wrong secret"
 HOOK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 HOOK_LEFTOVER = re.compile(
     r"\.(dpkg-[a-z]+|ucf-[a-z]+|rpmnew|rpmsave|rpmorig|orig|bak|swp|tmp|disabled)$")
@@ -306,14 +312,14 @@ class Log:
         self._emit(level, msg, args)
         self._wake_writer_now()
 
-    def noise(self, client, msg, *args, level=20):
+    def noise(self, client, msg, *args, level=20, wrong_secret=False):
         """An info line any client can cause at will (a refused connection, a
         failed handshake, a 4xx, /status): bounded per client by the noise
         filter, and kept out of the half of the buffer that window lines need,
         so that a flood never pushes out the lines of a window."""
         if level < self.level:
             return
-        admitted, summaries = self.noise_filter.admit(client, time.monotonic())
+        admitted, summaries = self.noise_filter.admit(client, time.monotonic(), wrong_secret)
         lines = [(20, summary, ()) for summary in summaries]
         if admitted:
             lines.append((level, msg, args))
@@ -535,7 +541,10 @@ class NoiseFilter:
     and one bucket for all clients together (NOISE_ALL_BURST, NOISE_ALL_PER_MINUTE:
     a flood from many addresses); what does not fit is counted and summed up
     once per NOISE_SUMMARY, in one line when many clients were left out.  No
-    timer: the summary rides on the next noisy line from anyone."""
+    timer: the summary rides on the next noisy line from anyone.  Requests
+    with a wrong secret are counted apart, and every client that sent one is
+    named with its count, however loud the others (a guessing client cannot
+    hide behind decoy traffic)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -544,7 +553,7 @@ class NoiseFilter:
         self.all_tokens = float(NOISE_ALL_BURST)
         self.all_seen = 0.0
 
-    def admit(self, client, now):
+    def admit(self, client, now, wrong_secret=False):
         """(log this line?, summary lines due now)"""
         with self.lock:
             entry = self.clients.get(client)
@@ -553,7 +562,7 @@ class NoiseFilter:
                     client = "other clients"
                     entry = self.clients.get(client)
                 if entry is None:
-                    entry = self.clients[client] = [float(NOISE_BURST), now, 0]
+                    entry = self.clients[client] = [float(NOISE_BURST), now, 0, 0]
             tokens = min(float(NOISE_BURST), entry[0] + (now - entry[1]) * NOISE_PER_MINUTE / 60)
             everyone = min(float(NOISE_ALL_BURST),
                            self.all_tokens + (now - self.all_seen) * NOISE_ALL_PER_MINUTE / 60)
@@ -563,6 +572,7 @@ class NoiseFilter:
             summaries = []
             if not admitted:
                 entry[2] += 1
+                entry[3] += wrong_secret
             elif entry[2]:                     # quiet again: say what was left out
                 summaries.append(self.summary(client, entry))
             if now >= self.next_summary:
@@ -580,20 +590,26 @@ class NoiseFilter:
 
     @staticmethod
     def summary(address, entry):
-        count, entry[2] = entry[2], 0
-        return "%d more log lines from %s not logged (over %d a minute)" % (
-            count, address, NOISE_PER_MINUTE)
+        count, secret, entry[2], entry[3] = entry[2], entry[3], 0, 0
+        return "%d more log lines from %s not logged (over %d a minute)%s" % (
+            count, address, NOISE_PER_MINUTE,
+            ", %d of them a wrong or missing secret" % secret if secret else "")
 
     @staticmethod
     def crowd_summary(left_out):
         busiest = sorted(left_out, key=lambda item: -item[1][2])[:3]
         shown = ", ".join("%s (%d)" % (address, entry[2]) for address, entry in busiest)
+        guessing = sorted((item for item in left_out if item[1][3]), key=lambda item: -item[1][3])
+        secrets = ", ".join("%s (%d)" % (address, entry[3]) for address, entry in guessing[:16])
+        if len(guessing) > 16:
+            secrets += " and %d more clients" % (len(guessing) - 16)
         total = sum(entry[2] for _, entry in left_out)
         for _, entry in left_out:
-            entry[2] = 0
+            entry[2] = entry[3] = 0
         return ("%d more log lines from %d clients not logged (over %d a minute from one, "
-                "%d from all); the most from %s" % (total, len(left_out), NOISE_PER_MINUTE,
-                                                  NOISE_ALL_PER_MINUTE, shown))
+                "%d from all); the most from %s%s" % (
+                    total, len(left_out), NOISE_PER_MINUTE, NOISE_ALL_PER_MINUTE, shown,
+                    "; a wrong or missing secret from %s" % secrets if secrets else ""))
 
 
 class StderrSink:
@@ -1541,16 +1557,18 @@ class OutputLogger:
             log.info("%s| (%d more output lines not logged)", self.label, self.suppressed)
 
 
-def group_gone(proc, pgid, wait):
+def group_gone(pgid, wait, child=None):
     """Wait up to `wait` seconds for every member of the group to be gone.
 
     A member that is a zombie is gone: an orphan (the shell died before its
     `sleep`) is reaped by pid 1 when pid 1 gets to it, which took up to 2 s
     here, and waiting for that made a /post-sync that cut a sync phase short
-    miss XO's timeout."""
+    miss XO's timeout.  child: our own Popen in the group, reaped meanwhile
+    (or the group never empties)."""
     deadline = time.monotonic() + wait
     while True:
-        proc.poll()                        # reap our child, or the group never empties
+        if child is not None:
+            child.poll()
         try:
             os.killpg(pgid, 0)
         except OSError:
@@ -1562,19 +1580,27 @@ def group_gone(proc, pgid, wait):
         time.sleep(0.02)
 
 
-def end_process_group(proc, label):
-    """SIGTERM the group, SIGKILL it after a grace; never wait forever for a reap."""
-    pgid = proc.pid                        # a new session: its group id is its pid
-    for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, KILL_WAIT)):
+def end_group(pgid, kill_wait, child=None, label="process group"):
+    """SIGTERM a process group, SIGKILL it after TERM_GRACE; True once it is
+    gone.  The one way synchook ends a group: a command's own (end_process_group),
+    or one a dead run left behind (its recovery)."""
+    for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, kill_wait)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            break
+            return True
         except OSError as err:
             log.warning("%s: cannot signal process group %d: %s", label, pgid, err.strerror)
-            break
-        if group_gone(proc, pgid, wait):
-            break
+            return False
+        if group_gone(pgid, wait, child):
+            return True
+    return False
+
+
+def end_process_group(proc, label):
+    """End a command's group (a new session: its group id is its pid); never
+    wait forever for the reap."""
+    end_group(proc.pid, KILL_WAIT, proc, label)
     try:
         proc.wait(KILL_WAIT)
     except subprocess.TimeoutExpired:
@@ -3424,21 +3450,6 @@ def dead_runs_group(group):
     return pgid if group_members(pgid) else None
 
 
-def end_group(pgid):
-    """TERM, then KILL, a process group that is not our child's; True once it is gone."""
-    for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, RECOVER_WAIT)):
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            return True
-        deadline = time.monotonic() + wait
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not group_members(pgid):
-            return True
-    return False
-
-
 def end_leftover_groups(info):
     """End the process groups a dead run's sync phase recorded in its marker,
     and wait until they are gone; after a reboot nothing is left."""
@@ -3453,7 +3464,7 @@ def end_leftover_groups(info):
         if pgid is None:
             continue
         log.warning("ending process group %d, left running by the previous run", pgid)
-        if not end_group(pgid):
+        if not end_group(pgid, RECOVER_WAIT):
             log.error("process group %d still has processes after SIGKILL (stuck on a "
                       "frozen filesystem?): running the post phase anyway", pgid)
 
@@ -3477,13 +3488,10 @@ def wait_for_post_steps(info, timeout):
         log.warning("%s (process group %d) of the previous run is still running: waiting for "
                     "it, %s s at most, rather than running it twice", escape(label, 80), pgid,
                     seconds(timeout))
-        deadline = time.monotonic() + timeout
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if group_members(pgid):
+        if not group_gone(pgid, timeout):
             log.warning("%s (process group %d) still running after %s s: ending it",
                         escape(label, 80), pgid, seconds(timeout))
-            end_group(pgid)
+            end_group(pgid, RECOVER_WAIT)
     return labels
 
 
@@ -4189,7 +4197,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if route != "status" and self.server.status_only(self.client_ip):
             return self.reply(403, "forbidden: not in --allow (loopback may read /status only)")
         if not self.server.authorized(self.headers, query):
-            return self.reply(403, "forbidden: missing or wrong secret")
+            return self.reply(403, WRONG_SECRET)
+        if route != "status":
+            self.server.prove(self.conn)
         getattr(self, "serve_" + route)()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
@@ -4260,7 +4270,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path in ("/sync", "/post-sync") and not 400 <= status < 500:
             log.info(*line)                   # the window's story: always logged
         else:
-            log.noise(self.client_ip, *line)
+            log.noise(self.client_ip, *line, wrong_secret=text == WRONG_SECRET)
 
     def log_request(self, code="-", size="-"):
         pass                  # reply() logs one line per request, with its duration
@@ -4288,6 +4298,7 @@ class Waker(WakePipe):
     def __init__(self):
         WakePipe.__init__(self)
         self.stopping = False
+        self.restarting = False          # stop, then run again in place (SIGUSR2)
 
     def install(self):
         if sys.version_info >= (3, 7):
@@ -4301,9 +4312,36 @@ class Waker(WakePipe):
         self.stopping = True
         self.poke()
 
+    def restart(self):
+        """Stop and run again, once no window is open (SyncHookServer.serve)."""
+        self.restarting = True
+        self.poke()
+
+
+class RateLimitedWarning:
+    """A warning that may repeat many times a second (out of descriptors):
+    logged once, then once per NOISE_SUMMARY seconds with how many times it
+    happened meanwhile."""
+
+    def __init__(self, what, consequence):
+        self.what, self.consequence = what, consequence
+        self.lock = threading.Lock()
+        self.next_at = 0.0
+        self.count = 0
+
+    def note(self, reason):
+        now = time.monotonic()
+        with self.lock:
+            self.count += 1
+            if now < self.next_at:
+                return
+            count, self.count, self.next_at = self.count, 0, now + NOISE_SUMMARY
+        log.warning("%s: %s; %s%s", self.what, reason, self.consequence,
+                    " (%d times in the last %d s)" % (count, NOISE_SUMMARY) if count > 1 else "")
+
 
 class Connection:
-    __slots__ = ("sock", "state", "since", "ended", "ip", "status_only", "hook")
+    __slots__ = ("sock", "state", "since", "ended", "ip", "status_only", "hook", "proven")
 
     def __init__(self, sock, ip, status_only):
         self.sock = sock
@@ -4313,13 +4351,15 @@ class Connection:
         self.ip = ip
         self.status_only = status_only     # loopback, not in --allow: may read /status only
         self.hook = False              # has carried a /sync or /post-sync (XO's connection)
+        self.proven = False            # has carried a valid /sync or /post-sync request
 
 
 class SyncHookServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024         # a burst of connections must not overflow the backlog
 
-    def __init__(self, cfg, family, address, window, tls_context, waker, max_connections):
+    def __init__(self, cfg, family, address, window, tls_context, waker, max_connections,
+                 listener=None, shared=False):
         self.address_family = family
         self.cfg = cfg
         self.window = window
@@ -4329,16 +4369,27 @@ class SyncHookServer(ThreadingHTTPServer):
         self.started = time.monotonic()
         self.connections = {}
         self.connections_lock = threading.Lock()
+        self.known = collections.OrderedDict()   # addresses that sent a valid request
         self.spares = 0                   # connection threads in (or on their way to) accept()
         self.accept_paused = False
         self.descriptor_freed = threading.Event()
+        self.accept_failures = RateLimitedWarning("cannot accept a connection", "pausing")
         self.keep_alive = "Keep-Alive: timeout=%d" % int(cfg.header_timeout)
         self.secret_digest = None
         if cfg.secret:
             secret = cfg.secret.encode("utf-8", "surrogateescape")
             self.secret_digest = hashlib.sha256(secret).digest()
             self.bearer_digest = hashlib.sha256(base64.b64encode(secret)).digest()
-        ThreadingHTTPServer.__init__(self, address, Handler)
+        # systemd's socket (socket activation), which outlives this process.
+        self.socket_shared = shared
+        if listener is None:
+            ThreadingHTTPServer.__init__(self, address, Handler)
+        else:                             # bound already: systemd's, or our own kept one
+            ThreadingHTTPServer.__init__(self, address, Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -4367,12 +4418,24 @@ class SyncHookServer(ThreadingHTTPServer):
             poller = select.poll()
             poller.register(self.waker.read_fd, select.POLLIN)
             while not self.waker.stopping:
-                poller.poll()
+                # A restart waits for an open window to close: run now, its post
+                # phase would release the guest during XO's snapshot.
+                poller.poll(1000 if self.waker.restarting else None)
                 self.waker.drain()
+                if self.waker.restarting and not self.window.is_open:
+                    self.waker.stopping = True
         self.stop_accepting()
         return started
 
     def stop_accepting(self):
+        if self.waker.restarting or self.socket_shared:
+            # The socket stays open, listening: for the run that follows in this
+            # process (restart_in_place), or in systemd's hands (a shutdown would
+            # stop it listening for everyone).  Connections wait in its queue.
+            self.wake_acceptors()
+            if not self.waker.restarting:
+                self.socket.close()
+            return
         try:
             # Wakes every thread blocked in accept() (Linux: EINVAL), which
             # closing the socket alone would not.
@@ -4380,6 +4443,32 @@ class SyncHookServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.socket.close()
+
+    def wake_acceptors(self):
+        """A thread blocked in accept() returns only with a connection, and the
+        kept socket cannot be shut down to wake it: give each spare one a
+        connection of our own, so that none takes a client's afterwards."""
+        host, port = self.server_address[:2]
+        if host in ("::", "0.0.0.0"):
+            host = "127.0.0.1"               # the dual-stack socket takes IPv4 too
+        with self.connections_lock:
+            spares = self.spares
+        for _ in range(spares):
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+            except OSError:
+                return
+
+    def finish_requests(self, timeout):
+        """Wait (at most timeout) until no connection is in the middle of a
+        request: the last ones taken before a restart in place are answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.connections_lock:
+                busy = any(c.state in ("busy", "command") for c in self.connections.values())
+            if not busy:
+                return
+            time.sleep(0.05)
 
     def add_spare(self):
         """Start one more thread waiting for a connection; False if it cannot start."""
@@ -4427,7 +4516,7 @@ class SyncHookServer(ThreadingHTTPServer):
                 if self.waker.stopping:
                     break
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept a connection: %s; pausing", err.strerror)
+                    self.accept_failures.note(err.strerror)
                     self.accept_paused = True
                     self.descriptor_freed.wait(ACCEPT_PAUSE)
                     self.descriptor_freed.clear()
@@ -4485,7 +4574,7 @@ class SyncHookServer(ThreadingHTTPServer):
                 full = full or sum(c.status_only for c in self.connections.values()
                                    ) >= STATUS_ONLY_CONNECTIONS
             if full:
-                key = self.eviction_victim(status_only)
+                key = self.eviction_victim(status_only, ip)
                 if key is None:
                     log.noise(ip, "%s: connection refused: %d connections, none that may be "
                               "dropped", ip, len(self.connections), level=30)
@@ -4500,11 +4589,27 @@ class SyncHookServer(ThreadingHTTPServer):
             self.connections[request] = Connection(request, ip, status_only)
         return True
 
-    def eviction_victim(self, for_status_only):
-        """Which connection makes room (under the lock): the oldest one not
-        waiting on the window, connections that may only read /status first;
-        a newcomer of that kind takes the place of its own kind only.  While a
-        window is open, a connection that carried a /sync or /post-sync (XO's
+    def prove(self, conn):
+        """conn carried a valid hook request: it, and its address from now on,
+        are XO's, which no stranger's connection may push out."""
+        if conn is None:
+            return
+        with self.connections_lock:
+            conn.proven = True
+            self.known[conn.ip] = True
+            self.known.move_to_end(conn.ip)
+            if len(self.known) > KNOWN_CLIENTS:
+                self.known.popitem(last=False)
+
+    def eviction_victim(self, for_status_only, ip):
+        """Which connection makes room (under the lock), or None: the newcomer
+        is refused.  Never one waiting on the window; connections that may only
+        read /status go first, and a newcomer of that kind takes the place of
+        its own kind only.  A newcomer from an address never seen sending a
+        valid request (a stranger, say a flood of idle connections) may only
+        take a stranger's place: XO's connections (from an address that sent
+        a valid request) are never pushed out by one, whatever the cap.  While
+        a window is open, a connection that carried a /sync or /post-sync (XO's
         kept-alive one, on which its /post-sync may come) is never dropped."""
         candidates = [c for c in self.connections.items()
                       if c[1].status_only and c[1].state != "command"]
@@ -4512,6 +4617,13 @@ class SyncHookServer(ThreadingHTTPServer):
             window_open = self.window.is_open
             candidates = [c for c in self.connections.items()
                           if c[1].state != "command" and not (window_open and c[1].hook)]
+            if ip not in self.known:
+                candidates = [c for c in candidates
+                              if not c[1].proven and c[1].ip not in self.known]
+            else:                        # strangers' connections first
+                strangers = [c for c in candidates
+                             if not c[1].proven and c[1].ip not in self.known]
+                candidates = strangers or candidates
         if not candidates:
             return None
         return min(candidates, key=lambda item: item[1].since)[0]
@@ -4621,9 +4733,14 @@ def handshake(tls, deadline):
     by_deadline(tls, deadline, "TLS handshake not complete in time", False, tls.do_handshake)
 
 
-def open_server(cfg, window, tls_context, waker):
-    """Bind: dual-stack by default, IPv4 where IPv6 is off.  OSError on failure."""
+def open_server(cfg, window, tls_context, waker, inherited=(None, False)):
+    """Bind: dual-stack by default, IPv4 where IPv6 is off, or take the socket
+    given (inherited_listener).  OSError on failure."""
     args = (window, tls_context, waker, cfg.max_connections)
+    listener, shared = inherited
+    if listener is not None:
+        return SyncHookServer(cfg, listener.family, None, *args, listener=listener,
+                              shared=shared)
     if cfg.listen:
         try:
             # An ASCII address as bytes: as str, getaddrinfo loads the idna codec.
@@ -4644,6 +4761,88 @@ def open_server(cfg, window, tls_context, waker):
             raise
         log.info("IPv6 unavailable (%s): listening on IPv4 only", err.strerror)
         return SyncHookServer(cfg, socket.AF_INET, ("0.0.0.0", cfg.port), *args)
+
+
+def inherited_listener(cfg):
+    """(the listening socket this process was given, or None; whether it is
+    systemd's): by systemd's socket activation (synchook.socket: systemd holds
+    the port from boot on, across restarts and crashes, so that no local user
+    can take it meanwhile), or by our own restart in place.  The LISTEN_* variables are removed
+    (commands must not think the socket theirs), the descriptor made
+    close-on-exec.  A kept socket that no longer matches the settings (the
+    port or address changed) is closed: the caller binds anew."""
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    count, pid = os.environ.pop("LISTEN_FDS", ""), os.environ.pop("LISTEN_PID", "")
+    if not count or pid != str(os.getpid()):
+        return None, False
+    if count != "1":
+        raise ConfigError("LISTEN_FDS=%s: synchook takes one socket (ListenStream= once in "
+                          "synchook.socket)" % count)
+    try:
+        listener = socket_from_fd(LISTEN_FD)
+    except OSError as err:
+        raise ConfigError("the socket passed as descriptor %d (LISTEN_FDS): %s"
+                          % (LISTEN_FD, err.strerror))
+    listener.set_inheritable(False)
+    port = listener.getsockname()[1]
+    kept = names == REEXEC_NAME
+    if kept and ((cfg.port and port != cfg.port) or not listen_matches(cfg.listen, listener)):
+        log.info("the kept socket (port %d) is not the one the settings ask for: "
+                 "binding anew", port)
+        listener.close()
+        return None, False
+    if not kept and port != cfg.port:
+        log.warning("listening on port %d, the socket systemd passed (synchook.socket), not "
+                    "on --port %d: change ListenStream= there too (install.sh does)",
+                    port, cfg.port)
+    return listener, not kept
+
+
+def socket_from_fd(fd):
+    """A listening TCP socket object for descriptor fd (OSError if it is not
+    one).  Python 3.6 does not detect the family of a socket(fileno=)."""
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        family = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_DOMAIN", 39))
+        kind = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TYPE", 3))
+        listening = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_ACCEPTCONN", 30))
+    finally:
+        probe.close()
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM \
+            or not listening:
+        raise OSError(errno.ENOTSOCK, "not a listening TCP socket")
+    return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+
+
+def listen_matches(listen, listener):
+    """Is the kept socket bound where --listen asks (all addresses by default)?"""
+    host = listener.getsockname()[0]
+    if not listen:
+        return host in ("::", "0.0.0.0")
+    try:
+        return ipaddress.ip_address(listen.strip("[]")) == ipaddress.ip_address(host)
+    except ValueError:                   # a name: it was resolved at the first start
+        return True
+
+
+def restart_in_place(listener):
+    """Run synchook again in this very process (execv: the same pid, so the
+    init system's pid file and supervisor stay right), the listening socket
+    kept as descriptor LISTEN_FD: a restart never frees the port, and
+    connections wait in its queue.  The program and settings are read anew.
+    Returns only if the exec failed."""
+    argv = [sys.executable] + interpreter_flags() + [PROGRAM[0]] + sys.argv[1:]
+    if listener.fileno() != LISTEN_FD:
+        os.dup2(listener.fileno(), LISTEN_FD)
+    os.set_inheritable(LISTEN_FD, True)
+    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES=REEXEC_NAME)
+    log.info("restarting in place: %s", " ".join(argv))
+    log.close()
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as err:
+        sys.stderr.write("%s: error: cannot restart in place (%s): %s\n"
+                         % (PROG, sys.executable, err.strerror))
 
 
 def open_descriptors():
@@ -5053,12 +5252,41 @@ XO_HEADERS = {"Connection": "keep-alive", "Accept": "*/*", "Accept-Language": "*
 
 
 def client_connection(scheme, host, port, timeout):
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.tls = None
     if scheme == "https":
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE          # XO: rejectUnauthorized: false
-        return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-    return http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        conn.tls.check_hostname = False
+        conn.tls.verify_mode = ssl.CERT_NONE          # XO: rejectUnauthorized: false
+    return conn
+
+
+def connect(conn):
+    """Open conn's connection (TCP, then TLS), raising CallFailed that says
+    which way it failed: refused, dropped, or closed."""
+    try:
+        sock = socket.create_connection((conn.host, conn.port), conn.timeout)
+    except socket.timeout:
+        raise CallFailed("dropped", "no connection within %s s: the packets are dropped on "
+                         "the way (a firewall that drops instead of refusing, or one that lets "
+                         "only --allow's addresses in), or no such host" % seconds(conn.timeout))
+    except ConnectionRefusedError:
+        raise CallFailed("refused", "nothing listens on %s port %d (synchook not running? "
+                         "another --port?), or a firewall rejects the connection"
+                         % (conn.host, conn.port))
+    if conn.tls is not None:
+        try:
+            sock = conn.tls.wrap_socket(sock, server_hostname=conn.host)
+        except BaseException:
+            sock.close()
+            raise
+    conn.sock = sock
+
+
+class CallFailed(Exception):
+    def __init__(self, how, text):
+        Exception.__init__(self, text)
+        self.how = how
 
 
 def xo_request(conn, path, timeout, headers):
@@ -5066,21 +5294,27 @@ def xo_request(conn, path, timeout, headers):
     undici would keep the connection for reuse after this answer)."""
     started = time.monotonic()
     try:
+        if conn.sock is None:
+            connect(conn)
         conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         text = response.read(4096).decode("utf-8", "replace").strip()
         reuse = 0.0 if response.will_close else undici_reuse(response.getheader("Keep-Alive"))
         return response.status, text, time.monotonic() - started, reuse
+    except CallFailed as err:
+        return None, "%s: %s" % (err.how, err), time.monotonic() - started, 0.0
     except socket.timeout:
         conn.close()
-        return None, "no answer within %s s" % seconds(timeout), time.monotonic() - started, 0.0
+        return None, ("slow: connected, but no answer within %s s (a sync command still "
+                      "running? synchook status on the guest shows it)" % seconds(timeout)), (
+                          time.monotonic() - started), 0.0
     except (OSError, http.client.HTTPException) as err:
         conn.close()
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
         if isinstance(err, (http.client.RemoteDisconnected, ConnectionResetError)) or (
                 ssl is not None and isinstance(err, ssl.SSLError) and "EOF" in str(err)):
-            reason += (" (the guest closed the connection without an answer: is this "
-                       "machine's address in its --allow?)")
+            reason = ("closed: the guest closed the connection without an answer (%s): is "
+                      "this machine's address in its --allow?" % reason)
         return None, "cannot reach %s:%d: %s" % (conn.host, conn.port, reason), (
             time.monotonic() - started), 0.0
 
@@ -5423,14 +5657,22 @@ def frozen_now(wait=FROZEN_PROBE_WAIT):
     return sorted(probes.values())
 
 
+def step_text(step):
+    """"sync ok", "freeze /data: Input/output error" (a reason that names its
+    step already is not given the name twice)."""
+    reason = "ok" if step["ok"] else step["reason"]
+    if reason.startswith(step["step"] + " ") or reason.startswith(step["step"] + ":"):
+        return reason
+    return "%s %s" % (step["step"], reason)
+
+
 def describe_status(state):
     def phase(name, last):
         if not last:
             return "%-15s none yet" % name
-        steps = ", ".join("%s %s%s (%.3f s)" % (
-            step["step"], "ok" if step["ok"] else step["reason"],
-            "" if step["exit"] is None else " [exit %s]" % step["exit"], step["duration"])
-            for step in last["steps"]) or "nothing configured"
+        steps = ", ".join("%s%s (%.3f s)" % (
+            step_text(step), "" if step["exit"] is None else " [exit %s]" % step["exit"],
+            step["duration"]) for step in last["steps"]) or "nothing configured"
         return "%-15s %d %s at %s: %s" % (name, last["status"], last["reason"], last["at"],
                                           steps)
 
@@ -5626,6 +5868,11 @@ def install_signal_handlers(waker):
         log.info("%s received: shutting down", signal.Signals(signum).name)
         waker.stop()
 
+    def on_restart(signum, frame):
+        log.info("SIGUSR2 received: restarting in place, once no window is open (the "
+                 "port stays bound; connections wait in its queue)")
+        waker.restart()
+
     def on_hangup(signum, frame):
         # The default action would kill us without the post phase (an init
         # script started from a terminal that then closed); there is nothing
@@ -5636,6 +5883,7 @@ def install_signal_handlers(waker):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGQUIT, on_signal)     # ^\ : a clean stop, never a core dump
     signal.signal(signal.SIGHUP, on_hangup)
+    signal.signal(signal.SIGUSR2, on_restart)
     waker.install()
 
 
@@ -5665,6 +5913,7 @@ def take_runtime_dir(runtime_dir, role, stop=None):
 
 
 def cmd_serve(cfg):
+    inherited = inherited_listener(cfg)  # first: commands must not inherit LISTEN_*
     prepare_runtime_dir(cfg.runtime_dir)
     check_runtime_dir_stays_writable(cfg)
     waker = Waker()
@@ -5699,7 +5948,7 @@ def cmd_serve(cfg):
             log.warning("--secret on the command line is visible in ps; prefer --secret-file "
                         "or SYNCHOOK_SECRET")
         context = load_tls(cfg)
-        server = open_server(cfg, window, context, waker)
+        server = open_server(cfg, window, context, waker, inherited)
     except OSError as err:
         log.error("cannot listen on %s port %d: %s", cfg.listen or "all addresses", cfg.port,
                   err.strerror)
@@ -5740,6 +5989,10 @@ def cmd_serve(cfg):
     released = window.shutdown()
     if released:
         marker.remove()                  # the closed one: nothing is left behind
+    if waker.restarting and served:
+        server.finish_requests(TERM_GRACE)
+        restart_in_place(server.socket)  # returns only if it failed
+        return 1
     log.info("stopped" if released else "stopped with the post phase owed")
     return 0 if released and served else 1
 

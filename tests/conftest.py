@@ -62,7 +62,7 @@ class Daemon:
     """A running synchook.py: its port, its log, and XO-like requests."""
 
     def __init__(self, tmp_path, args, env=None, python=None, state_dir=None, wait=True,
-                 cwd=None, command=None, preexec_fn=None, runtime="run"):
+                 cwd=None, command=None, preexec_fn=None, runtime="run", pass_fds=()):
         self.tmp = tmp_path
         self.log_path = str(tmp_path / ("daemon-%d.log" % time.monotonic_ns()))
         self.runtime = str(tmp_path / runtime)
@@ -89,7 +89,7 @@ class Daemon:
         # meant for a file while a window is open (tests/test_dying.py uses a file).
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT,
-                                     preexec_fn=preexec_fn)
+                                     preexec_fn=preexec_fn, pass_fds=pass_fds)
         self.copier = threading.Thread(target=self._copy_log, daemon=True)
         self.copier.start()
         self.port = None

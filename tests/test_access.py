@@ -1,6 +1,7 @@
 """Who may call, and what a hostile client may cost."""
 
 import base64
+import collections
 import resource
 import socket
 import ssl
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import client_context
+from conftest import client_context, wait_until
 
 
 def bearer(secret):
@@ -234,3 +235,46 @@ def test_default_listen_is_dual_stack(start, rec):
     assert d.get("/post-sync", host="::1", tls=True) == (200, "Ok")
     assert rec.lines() == ["sync", "post"]
     d.wait_log(r"127\.0\.0\.1 GET /sync 200")         # mapped address logged as IPv4
+
+
+def test_a_flood_of_idle_connections_never_pushes_xo_out(start, rec):
+    """A small cap, no --allow: strangers (127.0.0.2) open idle connections as
+    fast as they can; XO (127.0.0.1, known by an earlier valid request) still
+    gets every /sync and /post-sync through.  1.4.0 dropped XO's connection
+    to make room for the next idle one."""
+    d = start("--max-connections", "8", "--log-level", "debug",
+              "--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
+    assert d.get("/sync") == (200, "Ok")
+    assert d.get("/post-sync") == (200, "Ok")
+    stop = threading.Event()
+    opened = []
+
+    def flood():
+        held = collections.deque()
+        while not stop.is_set():
+            try:
+                sock = socket.socket()
+                sock.bind(("127.0.0.2", 0))
+                sock.connect(("127.0.0.1", d.port))
+                held.append(sock)
+                opened.append(1)
+            except OSError:
+                sock.close()
+            while len(held) > 40:
+                held.popleft().close()
+        for sock in held:
+            sock.close()
+
+    flooders = [threading.Thread(target=flood) for _ in range(4)]
+    for t in flooders:
+        t.start()
+    try:
+        wait_until(lambda: len(opened) > 200, 10)
+        for _ in range(5):                # HTTPS, as XO: a handshake to push out
+            assert d.get("/sync", tls=True, timeout=10) == (200, "Ok")
+            assert d.get("/post-sync", tls=True, timeout=10) == (200, "Ok")
+    finally:
+        stop.set()
+        for t in flooders:
+            t.join(10)
+    assert rec.lines() == ["sync", "post"] * 6

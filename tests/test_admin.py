@@ -160,6 +160,16 @@ def test_tag_secret_new_writes_a_url_safe_secret_the_daemon_takes(start, tmp_pat
 
 # status ------------------------------------------------------------------------------------
 
+def test_status_names_a_failed_freeze_once():
+    sys.path.insert(0, os.path.dirname(SYNCHOOK))
+    import synchook
+    step = {"step": "freeze", "ok": False, "reason": "freeze /data: Input/output error",
+            "exit": None, "duration": 0.001}
+    assert synchook.step_text(step) == "freeze /data: Input/output error"
+    assert synchook.step_text(dict(step, step="sync", reason="timed out")) == "sync timed out"
+    assert synchook.step_text(dict(step, ok=True)) == "freeze ok"
+
+
 def test_status_reads_the_daemon_even_when_allow_leaves_loopback_out(start, tmp_path):
     args = ["--allow", "192.0.2.99", "--secret-file", secret_file(tmp_path, "S3cret"),
             "--listen", "127.0.0.1"]
@@ -177,10 +187,11 @@ def test_status_shows_an_open_window_and_a_stopped_daemon(start):
     d.get("/sync")
     out = synchook_cmd("status", "--port", str(d.port), "--listen", "127.0.0.1")
     assert "window:         OPEN since" in out.stdout and "last sync:      200 Ok" in out.stdout
+    assert ": sync ok [exit 0] (" in out.stdout
     d.get("/post-sync")
     d.stop()
     out = synchook_cmd("status", "--port", str(d.port), "--listen", "127.0.0.1")
-    assert out.returncode == 1 and "Connection refused" in out.stdout
+    assert out.returncode == 1 and "refused: nothing listens on 127.0.0.1" in out.stdout
 
 
 # install.sh: the firewall when asked, the tag in the summary -------------------------------
@@ -213,6 +224,8 @@ def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(tmp_path
         assert out.returncode == 0, out.stderr
         rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
         assert calls.read_text().splitlines() == [
+            # the earlier rule closed first: nothing left open to all
+            "firewall-cmd --permanent --remove-port=%d/tcp" % port, "firewall-cmd --reload",
             "firewall-cmd --state",
             "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
             "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
@@ -228,6 +241,104 @@ def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(tmp_path
             "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
                                                                         port)),
             "firewall-cmd --reload"]
+    finally:
+        system.run(["dash", INSTALL, "--purge"], env=clean_env())
+        system.close()
+
+
+FAKE_NFT = r"""#!/bin/sh
+# nft, as far as install.sh uses it: one chain, rules kept in a file with handles,
+# in the chain's order (insert puts a rule first).
+echo "nft $*" >>CALLS
+touch STATE
+case "$*" in
+    "list chain inet filter input") cat STATE 2>/dev/null ;;
+    "-a list chain inet filter input") cat STATE 2>/dev/null ;;
+    "insert rule inet filter input "*)
+        n=$(($(cat COUNTER 2>/dev/null || echo 0) + 1)); echo $n >COUNTER
+        rule=$(echo "${*#insert rule inet filter input }" | sed 's/comment synchook/comment "synchook"/')
+        { echo "$rule # handle $n"; cat STATE; } >STATE.new; mv STATE.new STATE ;;
+    "delete rule inet filter input handle "*)
+        grep -v "# handle ${*##* }\$" STATE >STATE.new; mv STATE.new STATE ;;
+    *) exit 1 ;;
+esac
+"""
+
+
+def fake_tool(directory, name, text, calls, **places):
+    text = text.replace("CALLS", str(calls))
+    for place, path in places.items():
+        text = text.replace(place.upper(), str(path))
+    (directory / name).write_text(text)
+    os.chmod(str(directory / name), 0o755)
+
+
+def test_open_firewall_again_replaces_its_rules_and_never_doubles_them(tmp_path):
+    system = PrivateSystem(tmp_path)
+    try:
+        fake = tmp_path / "fakebin"
+        fake.mkdir()
+        calls, state = tmp_path / "calls", tmp_path / "rules"
+        fake_tool(fake, "nft", FAKE_NFT, calls, state=state, counter=tmp_path / "counter")
+        env = clean_env({"PATH": "%s:%s" % (fake, os.environ["PATH"])})
+        port = free_port()
+        base = ["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen", "127.0.0.1",
+                "--sync", "true", "--open-firewall"]
+        for _ in range(2):
+            out = system.run(base + ["--allow", "127.0.0.1"], env=env)
+            assert out.returncode == 0, out.stderr
+        rules = state.read_text().splitlines()
+        # XO's address accepted, anyone else refused at once (a reset, not a drop)
+        assert len(rules) == 2 and "ip saddr 127.0.0.1 tcp dport %d accept" % port in rules[0]
+        assert 'tcp dport %d reject with tcp reset comment "synchook"' % port in rules[1]
+        other = free_port()
+        base[base.index("--port") + 1] = str(other)
+        out = system.run(base + ["--allow", "127.0.0.2"], env=env)
+        assert out.returncode == 0, out.stderr
+        rules = state.read_text().splitlines()
+        assert len(rules) == 2 and "ip saddr 127.0.0.2 tcp dport %d accept" % other in rules[0]
+        assert "dport %d reject" % other in rules[1]
+        out = system.run(["dash", INSTALL, "--uninstall"], env=env)
+        assert out.returncode == 0 and state.read_text() == "", out.stderr
+    finally:
+        system.run(["dash", INSTALL, "--purge"], env=clean_env())
+        system.close()
+
+
+def test_a_firewall_that_fails_rolls_back_and_installs_nothing(tmp_path):
+    system = PrivateSystem(tmp_path)
+    try:
+        fake = tmp_path / "fakebin"
+        fake.mkdir()
+        calls = tmp_path / "calls"
+        fake_tool(fake, "firewall-cmd", "#!/bin/sh\necho \"firewall-cmd $*\" >>CALLS\n"
+                  "case \"$*\" in *2001:db8::bad*) exit 1 ;; esac\n", calls)
+        env = clean_env({"PATH": "%s:%s" % (fake, os.environ["PATH"])})
+        port = free_port()
+        out = system.run(["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen",
+                          "127.0.0.1", "--sync", "true", "--open-firewall"], env=env)
+        assert out.returncode == 0, out.stderr
+        config = open(system.path("/etc/synchook.conf")).read()
+        pid = open(system.path("/run/synchook.pid")).read()
+        calls.unlink()
+        out = system.run(["dash", INSTALL, "--open-firewall", "--sync", "echo new", "--allow",
+                          "127.0.0.1,2001:db8::bad"], env=env)
+        assert out.returncode == 1
+        assert "nothing installed, the firewall as it was" in out.stderr, out.stderr
+        rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
+        assert calls.read_text().splitlines() == [
+            "firewall-cmd --permanent --remove-port=%d/tcp" % port, "firewall-cmd --reload",
+            "firewall-cmd --state",
+            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
+            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::bad",
+                                                                     port)),
+            # rolled back: this run's rule closed, the earlier one opened again
+            "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1",
+                                                                        port)),
+            "firewall-cmd --permanent --add-port=%d/tcp" % port, "firewall-cmd --reload"]
+        assert open(system.path("/etc/synchook.conf")).read() == config
+        assert open(system.path("/run/synchook.pid")).read() == pid     # never restarted
+        assert "--add-port=%d/tcp" % port in open(system.path("/etc/synchook.firewall")).read()
     finally:
         system.run(["dash", INSTALL, "--purge"], env=clean_env())
         system.close()

@@ -31,8 +31,10 @@ ROOT_STATE = ("n=probe-$(cut -d. -f1 /proc/uptime)-$$; "
               "if [ -e /$n ]; then echo thawed; else echo frozen; fi")
 
 # In the guest: run CMD, then wait until / takes a write; print the seconds between.
-UNTIL_WRITABLE = ("before=$(cut -d' ' -f1 /proc/uptime); %s; touch /writable-$$; "
-                  "after=$(cut -d' ' -f1 /proc/uptime); echo \"$before $after\"")
+UNTIL_WRITABLE = ("before=$(cut -d' ' -f1 /proc/uptime); { %s; } >/run/until.out 2>&1; "
+                  "touch /writable-$$; "
+                  "after=$(cut -d' ' -f1 /proc/uptime); cat /run/until.out; "
+                  "echo \"$before $after\"")
 
 
 DATA_DISKS = ("data-a", "data-b")           # two virtio disks, snapshotted one by one
@@ -48,6 +50,8 @@ def guest():
     except (RuntimeError, OSError) as err:
         pytest.skip("no guest image could be built here: %s" % err)
     machine = vm.Guest(directory, data_disks=DATA_DISKS)
+    # Each data disk's current image: a snapshot moves the guest to a new overlay.
+    machine.active = {name: machine.disk(name) for name in DATA_DISKS}
     try:
         machine.boot()
         print("\nguest: booted in %.0f s" % machine.booted_in)
@@ -108,7 +112,8 @@ def released_by(guest, command, what, settle=0):
     assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
     took = seconds_until_writable(guest, command)
     print("\nguest: %s with / frozen: writable %.2f s later" % (what, took))
-    assert guest.run("sleep %d; systemctl is-active synchook" % settle)[1].strip() == "active"
+    state = guest.run("sleep %d; systemctl is-active synchook" % settle)[1].strip()
+    assert state == "active", guest.run("systemctl status synchook synchook.socket; journalctl -u synchook -n 30 --no-pager")[1]
     assert posts(guest) == before + 1
 
 
@@ -130,6 +135,54 @@ def test_systemctl_restart_with_a_window_open_releases_once(guest):
     released_by(guest, "systemctl restart synchook", "systemctl restart")
 
 
+def test_the_oom_killer_taking_synchook_itself_is_released_by_the_guardian(guest):
+    """The kernel's OOM killer, made to choose the daemon (its score raised to the
+    top, then a manual OOM kill: sysrq f): the guardian releases the window, and
+    systemd (OOMPolicy=continue, Restart=on-failure) starts synchook again."""
+    code, pid = guest.run("systemctl show -p MainPID --value synchook")
+    released_by(guest, "echo 1000 > /proc/%s/oom_score_adj; echo f > /proc/sysrq-trigger; "
+                "while kill -0 %s 2>/dev/null; do sleep 0.2; done" % (pid.strip(), pid.strip()),
+                "the OOM killer taking synchook", settle=6)
+    code, out = guest.run("journalctl -k --no-pager | grep 'Killed process %s '" % pid.strip())
+    assert code == 0 and "python3" in out, out
+
+
+# The port: systemd holds it (synchook.socket) --------------------------------------------
+
+THIEF = """import socket, sys, time
+end, took = time.time() + float(sys.argv[1]), 0
+while time.time() < end:
+    sock = socket.socket(socket.AF_INET6)
+    try:
+        sock.bind(("::", 1727))
+        took += 1
+    except OSError:
+        pass
+    finally:
+        sock.close()
+print(took)
+"""
+
+
+def test_the_port_stays_bound_across_restart_and_crash(guest):
+    """A local user binding 1727 in a loop while synchook restarts and is
+    SIGKILLed never gets it (1.5.0's unit freed it each time); XO's requests
+    made meanwhile wait in the socket's queue and are answered."""
+    assert guest.run("systemctl is-active synchook.socket")[1].strip() == "active"
+    guest.run("cat > /run/thief.py <<'EOF'\n%sEOF\n" % THIEF, check=True)
+    guest.run("setpriv --reuid=65534 --regid=65534 --clear-groups python3 /run/thief.py 25 "
+              ">/run/thief.out 2>&1 </dev/null & sleep 2; systemctl restart synchook; "
+              "sleep 3; kill -KILL $(systemctl show -p MainPID --value synchook)", check=True)
+    answers = [http_get(guest.port, "/status", timeout=60)[0] for _ in range(3)]
+    assert answers == [200] * 3
+    code, out = guest.run("sleep 22; cat /run/thief.out; systemctl show -p NRestarts "
+                          "--value synchook", timeout=60)
+    took, restarts = out.split()
+    assert took == "0", "a local user bound synchook's port %s times" % took
+    assert int(restarts) >= 1, out
+    assert guest.run("systemctl is-active synchook")[1].strip() == "active"
+
+
 HOG = """#!/bin/sh
 cat /proc/self/oom_score_adj > /run/score
 exec python3 -c '
@@ -148,8 +201,9 @@ def test_a_sync_command_taken_by_the_oom_killer_costs_neither_synchook_nor_the_f
     running; the freeze still runs."""
     guest.run("cat > /run/sync-step <<'EOF'\n%sEOF\n"
               "systemctl set-property --runtime synchook MemoryMax=256M" % HOG, check=True)
+    killed = "journalctl -k --no-pager | grep -c 'Killed process'"
     try:
-        before = posts(guest)
+        before, kills = posts(guest), int(guest.run(killed)[1].strip())
         status, text = http_get(guest.port, "/sync", timeout=120)
         assert status == 500 and text.endswith("; frozen anyway: /"), text
         assert "signal 9" in text or "exit 137" in text, text      # SIGKILL, the OOM killer
@@ -162,11 +216,10 @@ def test_a_sync_command_taken_by_the_oom_killer_costs_neither_synchook_nor_the_f
                            "oom_score_adj")[1].strip()
         assert daemon == "-900", daemon
         code, out = guest.run("systemctl is-active synchook qemu-guest-agent "
-                              "systemd-networkd; journalctl -k --no-pager | "
-                              "grep -c 'Killed process'")
+                              "systemd-networkd; " + killed)
         lines = out.split()
         assert lines[:3] == ["active", "active", "active"], out
-        assert lines[3] == "1", out                     # the hog, and nothing else
+        assert int(lines[3]) == kills + 1, out          # the hog, and nothing else
     finally:
         guest.run("rm -f /run/sync-step; "
                   "systemctl set-property --runtime synchook MemoryMax=infinity")
@@ -186,6 +239,23 @@ while True:
 """
 
 
+def snapshot_disks(guest, names, tag, frozen, gap=2):
+    """The hypervisor snapshots the disks one after the other, gap seconds
+    apart, inside synchook's window (frozen) or not: {name: the image as it
+    was snapshotted}.  The guest goes on on new overlays."""
+    if frozen:
+        assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
+    images = {}
+    for name in names:
+        images[name] = guest.active[name]
+        guest.active[name] = os.path.join(guest.work, "%s-%s.qcow2" % (name, tag))
+        guest.snapshot(name, guest.active[name])
+        time.sleep(gap)
+    if frozen:
+        assert http_get(guest.port, "/post-sync", timeout=60) == (200, "Ok")
+    return images
+
+
 def snapshot_pair(guest, round_, frozen):
     """Two ext4 disks written in lockstep (record i to a, then to b, each
     fsynced); the hypervisor snapshots one disk, then the other 2 s later, with
@@ -199,16 +269,7 @@ def snapshot_pair(guest, round_, frozen):
               "echo $! > /run/writer.pid; sleep 3" % WRITER,
               check=True)
     try:
-        if frozen:
-            assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
-        images = {}
-        for name in DATA_DISKS:
-            images[name] = guest.active[name]
-            guest.active[name] = os.path.join(guest.work, "%s-%d.qcow2" % (name, round_))
-            guest.snapshot(name, guest.active[name])
-            time.sleep(2)
-        if frozen:
-            assert http_get(guest.port, "/post-sync", timeout=60) == (200, "Ok")
+        images = snapshot_disks(guest, DATA_DISKS, str(round_), frozen)
     finally:
         guest.run("kill $(cat /run/writer.pid); sleep 1; umount /data/a /data/b", check=True)
     found = {}
@@ -232,7 +293,6 @@ def test_disks_snapshotted_one_after_the_other_agree_with_the_freeze(guest):
     """XAPI snapshots a VM's disks one after the other: with synchook's freeze
     both images are clean and their last records agree; without it (the
     control, which must be able to fail) the second disk is seconds ahead."""
-    guest.active = {name: guest.disk(name) for name in DATA_DISKS}
     with_freeze = snapshot_pair(guest, 1, frozen=True)
     without = snapshot_pair(guest, 2, frozen=False)
     print("\nguest: disk by disk, with synchook: %s; without: %s" % (with_freeze, without))
@@ -243,11 +303,231 @@ def test_disks_snapshotted_one_after_the_other_agree_with_the_freeze(guest):
     assert last_b > last_a + 1, without                 # torn: b seconds ahead of a
 
 
-# Last: the uninstall ----------------------------------------------------------------
+# PostgreSQL across two disks, restored in a second VM --------------------------------
 
-def test_status_and_uninstall_as_the_readme_says(guest):
-    code, out = guest.run("synchook status")
-    assert code == 0 and "window:         idle" in out, out
+PG = "/usr/lib/postgresql/15/bin"
+PG_RUN = "runuser -u postgres -- "
+
+PG_START = ("mkdir -p /run/pg && chown postgres /run/pg && " + PG_RUN + PG +
+            "/pg_ctl -D /data/a/pg -l /run/pg/log -w -t 240 start >/dev/null 2>&1")
+
+# pgbench's invariant: every transaction adds the same delta to an account, its
+# teller, its branch, and writes it to the history.
+PG_BALANCES = (PG_RUN + "psql -h /run/pg -Atc \"select (select sum(abalance) from "
+               "pgbench_accounts) = (select sum(bbalance) from pgbench_branches) and "
+               "(select sum(bbalance) from pgbench_branches) = (select sum(tbalance) from "
+               "pgbench_tellers) and (select sum(tbalance) from pgbench_tellers) = "
+               "(select coalesce(sum(delta), 0) from pgbench_history)\" postgres")
+
+
+def pg_workload(guest):
+    """PGDATA on data-a, its WAL on data-b; pgbench running, a CHECKPOINT every
+    0.5 s (each one writes data files and moves pg_control forward)."""
+    guest.run("for d in a b; do mkfs.ext4 -q -F /dev/disk/by-id/virtio-data-$d && "
+              "mkdir -p /data/$d && mount /dev/disk/by-id/virtio-data-$d /data/$d; done && "
+              "mkdir -p /data/a/pg /data/b/wal && chown postgres /data/a/pg /data/b/wal && " +
+              PG_RUN + PG + "/initdb -D /data/a/pg --waldir=/data/b/wal/pg_wal >/dev/null && "
+              "printf \"listen_addresses = ''\\nunix_socket_directories = '/run/pg'\\n\" "
+              ">> /data/a/pg/postgresql.conf && " + PG_START + " && " +
+              PG_RUN + PG + "/pgbench -q -h /run/pg -i -s 1 postgres >/dev/null 2>&1",
+              check=True, timeout=400)
+    guest.run("setsid " + PG_RUN + PG + "/pgbench -h /run/pg -c 2 -T 3600 postgres "
+              "</dev/null >/dev/null 2>&1 & echo $! > /run/pgbench.pid; "
+              "setsid sh -c 'while :; do " + PG_RUN + "psql -h /run/pg -qc CHECKPOINT postgres; "
+              "sleep 0.5; done' </dev/null >/dev/null 2>&1 & echo $! > /run/checkpoints.pid; "
+              "sleep 5", check=True)
+
+
+def test_postgresql_on_two_disks_restored_from_disk_by_disk_snapshots(guest):
+    """The restore an admin does: a second VM boots from the hypervisor's
+    snapshots of the two disks, taken one after the other (the WAL's first,
+    the data's 3 s later, checkpoints running).  With synchook's freeze
+    PostgreSQL starts and pgbench's balances agree; without it (the control,
+    which must be able to fail) it does not start, or they disagree."""
+    pg_workload(guest)
+    images = {}
+    try:
+        for round_, frozen in ((1, True), (2, False)):
+            taken = snapshot_disks(guest, ("data-b", "data-a"), "pg%d" % round_, frozen,
+                                   gap=3)                 # the WAL's disk first
+            images.update(("%s-%d" % (name, round_), image) for name, image in taken.items())
+    finally:
+        guest.run("kill $(cat /run/checkpoints.pid) $(cat /run/pgbench.pid); sleep 1; " + PG_RUN + PG +
+                  "/pg_ctl -D /data/a/pg -m fast stop; umount /data/a /data/b", timeout=120)
+    restored = vm.Guest(guest.image_dir, restored=images)
+    outcomes = {}
+    try:
+        restored.boot()
+        for round_ in (1, 2):
+            code, out = restored.run(
+                "mkdir -p /data/a /data/b && "
+                "mount /dev/disk/by-id/virtio-data-a-%d /data/a && "
+                "mount /dev/disk/by-id/virtio-data-b-%d /data/b && " % (round_, round_) +
+                "if " + PG_START + "; then " + PG_BALANCES + "; " + PG_RUN + PG +
+                "/pg_ctl -D /data/a/pg -m fast stop >/dev/null; else echo 'no start:'; "
+                "grep -m1 -e PANIC -e FATAL /run/pg/log; fi; umount /data/a /data/b; "
+                "rm -f /run/pg/log", timeout=400)
+            outcomes[round_] = out.strip()
+    finally:
+        restored.stop()
+    print("\nguest: PostgreSQL restored from disk-by-disk snapshots: with synchook %r; "
+          "without %r" % (outcomes[1], outcomes[2]))
+    assert outcomes[1] == "t", outcomes
+    assert outcomes[2] != "t", outcomes                   # torn: no start, or balances off
+
+
+# One LVM volume group spanning both disks ------------------------------------------------
+
+# Two preallocated files on one ext4 over a linear LV: a at the LV's start (the
+# first disk), b after a filler (the second disk).  Record i (its number, 8
+# bytes at offset 8 i) is written in place to a, then to b, each fsynced.
+LVM_SETUP = """set -e
+pvcreate -qq -ff -y /dev/disk/by-id/virtio-data-a /dev/disk/by-id/virtio-data-b
+vgcreate -qq span /dev/disk/by-id/virtio-data-a /dev/disk/by-id/virtio-data-b
+lvcreate -qq -y -l 100%FREE -n lv span
+mkfs.ext4 -q -b 4096 /dev/span/lv
+mkdir -p /span && mount /dev/span/lv /span
+dd if=/dev/zero of=/span/a bs=1M count=24 status=none
+dd if=/dev/zero of=/span/filler bs=1M count=150 status=none
+dd if=/dev/zero of=/span/b bs=1M count=24 status=none
+sync
+pvs --noheadings --units b --nosuffix -o pv_name,pe_start
+lvs --noheadings --units b --nosuffix -o seg_start,seg_size,devices span/lv
+filefrag -v /span/a /span/b | grep -E '^ +0:'
+"""
+
+IN_PLACE_WRITER = """import os
+fds = [os.open("/span/%s" % name, os.O_WRONLY) for name in ("a", "b")]
+i = 1
+while i < 3000000:
+    for fd in fds:
+        os.pwrite(fd, b"%08d" % i, 8 * i)
+        os.fsync(fd)
+    i += 1
+"""
+
+
+def lv_image(layout, images, out):
+    """The LV as its two disks' images hold it, put together on this machine
+    without LVM: each segment of the linear LV from its disk at its offset."""
+    with open(out, "wb") as target:
+        for seg_start, seg_size, disk, disk_offset in layout:
+            with open(images[disk], "rb") as source:
+                source.seek(disk_offset)
+                target.seek(seg_start)
+                left = seg_size
+                while left:
+                    chunk = source.read(min(left, 1 << 20))
+                    target.write(chunk)
+                    left -= len(chunk)
+
+
+def last_record(raw, name):
+    """The highest record number in file name of the ext4 image raw."""
+    data = subprocess.run(["debugfs", "-R", "cat /%s" % name, raw], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL).stdout
+    records = [data[i:i + 8] for i in range(0, len(data), 8)]
+    return max((int(r) for r in records if r.strip(b"\0").isdigit()), default=-1)
+
+
+def test_an_lvm_volume_spanning_both_disks_is_whole_with_the_freeze(guest):
+    """A common layout: one volume group over both virtio disks, one ext4 on it.
+    XAPI snapshots the disks one after the other (the second here 2 s later):
+    with the freeze the two halves of the volume agree; without it (the
+    control) the second disk's half is ahead."""
+    code, out = guest.run(LVM_SETUP, timeout=300)
+    assert code == 0, out
+    pv_start = {}
+    layout = []
+    for line in out.splitlines():
+        words = line.replace("(", " ").replace(")", " ").split()
+        if len(words) == 2 and words[0].startswith("/dev/"):
+            pv_start[words[0]] = int(words[1])
+    for line in out.splitlines():
+        words = line.replace("(", " ").replace(")", " ").split()
+        if len(words) == 4 and words[2].startswith("/dev/"):
+            seg_start, seg_size, device, extent = int(words[0]), int(words[1]), words[2], \
+                int(words[3])
+            layout.append((seg_start, seg_size, device, extent))
+    code, extent_size = guest.run("vgs --noheadings --units b --nosuffix -o vg_extent_size span")
+    extent_size = int(extent_size.strip())
+    code, disks = guest.run("for d in a b; do readlink -f /dev/disk/by-id/virtio-data-$d; done")
+    names = dict(zip(disks.split(), DATA_DISKS))      # as pvs names them: /dev/vdb, /dev/vdc
+    names.update(("/dev/disk/by-id/virtio-" + name, name) for name in DATA_DISKS)
+    segments = [(start, size, names[device], pv_start[device] + extent * extent_size)
+                for start, size, device, extent in layout]
+    assert sorted(disk for _, _, disk, _ in segments) == sorted(DATA_DISKS), (out, segments)
+    guest.run("cat > /run/lvwriter.py <<'EOF'\n%sEOF\n"
+              "setsid python3 /run/lvwriter.py </dev/null >/dev/null 2>&1 & "
+              "echo $! > /run/lvwriter.pid; sleep 3" % IN_PLACE_WRITER, check=True)
+    found = {}
+    try:
+        for round_, frozen in ((1, True), (2, False)):
+            images = snapshot_disks(guest, DATA_DISKS, "lv%d" % round_, frozen)
+            raws = {}
+            for name, image in images.items():
+                raws[name] = image + ".raw"
+                subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, raws[name]],
+                               check=True)
+            lv = os.path.join(guest.work, "lv-%d.raw" % round_)
+            lv_image(segments, raws, lv)
+            subprocess.run(["e2fsck", "-fy", lv], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            found[round_] = (last_record(lv, "a"), last_record(lv, "b"))
+            for path in list(raws.values()) + [lv]:
+                os.unlink(path)
+    finally:
+        guest.run("kill $(cat /run/lvwriter.pid); sleep 1; umount /span; "
+                  "vgchange -qq -an span", timeout=120)
+    print("\nguest: LVM over both disks, last records (a, b): with synchook %s, without %s"
+          % (found[1], found[2]))
+    (a, b) = found[1]
+    assert a > 0 and b in (a, a - 1), found              # whole: b is a's, or one behind
+    (a, b) = found[2]
+    assert b > a + 1, found                              # torn: b's disk seconds ahead
+
+
+# Last: the README's quick start, as a newcomer runs it -----------------------------------
+
+def readme_line(start):
+    """The README's command that starts with `start` (its comment cut off)."""
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        for line in handle:
+            if line.strip().startswith(start):
+                return line.strip().split("  #")[0].strip()
+    raise AssertionError("README.md has no command starting %r" % start)
+
+
+def test_the_readme_quick_start_in_the_guest(guest):
+    """The module's install goes first (--uninstall, as the README says), then
+    the README's own step 1 with /data a disk of the guest and XO's address the
+    one the guest sees for this machine (10.0.2.2), step 3's status, and XO's
+    hook code-path from here: /sync freezes /data, /post-sync thaws it."""
     code, out = guest.run("cd /src && sh install.sh --uninstall 2>&1")
     assert code == 0, out
-    assert guest.run("systemctl is-active synchook")[1].strip() != "active"
+    assert guest.run("systemctl is-active synchook synchook.socket")[1].split() == [
+        "inactive", "inactive"]
+    install = readme_line("sh install.sh --freeze /data --allow")
+    status = readme_line("synchook status --config /etc/synchook.conf")
+    guest.run("mkfs.ext4 -q -F /dev/disk/by-id/virtio-data-a && mkdir -p /data && "
+              "mount /dev/disk/by-id/virtio-data-a /data", check=True)
+    try:
+        code, out = guest.run("cd /src && %s 2>&1" % install.replace("192.0.2.10", "10.0.2.2"),
+                              timeout=300)
+        assert code == 0, out
+        assert "xo:notify-on-snapshot" in out, out          # the tag to set
+        assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
+        code, out = guest.run("(touch /data/probe </dev/null >/dev/null 2>&1 &); sleep 1; "
+                              "[ -e /data/probe ] && "
+                              "echo thawed || echo frozen")
+        assert out.strip() == "frozen", out
+        code, out = guest.run(status)
+        assert code == 0 and "window:         OPEN since" in out, out
+        assert http_get(guest.port, "/post-sync", timeout=60) == (200, "Ok")
+        code, out = guest.run("sleep 1; [ -e /data/probe ] && echo thawed")
+        assert out.strip() == "thawed", out
+        code, out = guest.run("cd /src && sh install.sh --purge 2>&1")
+        assert code == 0, out
+        assert guest.run("systemctl is-active synchook")[1].strip() != "active"
+    finally:
+        guest.run("umount /data")

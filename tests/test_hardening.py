@@ -425,7 +425,10 @@ def test_noise_from_many_addresses_is_bounded_in_all(start, rec):
     assert rec.lines() == ["sync", "post"]
 
 
-def test_flood_summaries_come_as_one_line_for_many_clients():
+def flood_summaries(guesser=None):
+    """600 decoy clients, 3 noisy lines each, at once (and, every 20 of them, a
+    wrong secret from guesser), then one line a summary period later: the
+    summaries the noise filter gives."""
     sys.path.insert(0, os.path.dirname(SYNCHOOK))
     import synchook
     noise = synchook.NoiseFilter()
@@ -433,10 +436,25 @@ def test_flood_summaries_come_as_one_line_for_many_clients():
     for i in range(600):
         for _ in range(3):
             summaries += noise.admit("127.0.%d.%d" % (i // 250, i % 250), 1.0)[1]
-    summaries += noise.admit("127.9.9.9", 1.0 + synchook.NOISE_SUMMARY)[1]
+        if guesser and i % 20 == 0:
+            summaries += noise.admit(guesser, 1.0, wrong_secret=True)[1]
+    return summaries + noise.admit("127.9.9.9", 1.0 + synchook.NOISE_SUMMARY)[1]
+
+
+def test_flood_summaries_come_as_one_line_for_many_clients():
+    summaries = flood_summaries()
     # 100 lines got in (the burst for all), from 34 clients; the other 1,700 are one line
     assert len(summaries) == 1, summaries[:5]
     assert summaries[0].startswith("1700 more log lines from 567 clients not logged"), summaries
+
+
+def test_a_client_guessing_the_secret_is_named_however_loud_the_decoys():
+    """Decoys from 600 addresses use up the budget for all; the one client that
+    sends wrong secrets still comes out by name, with its count."""
+    summaries = flood_summaries("127.8.8.8")
+    assert len(summaries) == 1, summaries[:5]
+    # 30 sent: the first 2 were logged one by one, before the decoys used the budget up
+    assert summaries[0].endswith("; a wrong or missing secret from 127.8.8.8 (28)"), summaries
 
 
 def test_secret_of_white_space_refused(tmp_path):

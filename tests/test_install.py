@@ -3,6 +3,7 @@
 import hashlib
 import os
 import shlex
+import re
 import shutil
 import socket
 import subprocess
@@ -171,6 +172,13 @@ def test_install_into_root_detects_init_and_writes_files(shell, kind, tmp_path):
             assert "\n" + forbidden + "=" not in unit, forbidden
         assert files["etc/systemd/system/multi-user.target.wants/synchook.service"] == (
             "link", "/etc/systemd/system/synchook.service")
+        # systemd holds the port (synchook.socket): never free while synchook restarts.
+        assert "\nRequires=synchook.socket\nAfter=synchook.socket\n" in unit
+        socket_unit = (root / "etc/systemd/system/synchook.socket").read_text()
+        assert "\nListenStream=1727\nBindIPv6Only=both\n" in socket_unit
+        assert files["etc/systemd/system/synchook.socket"][0] == "0o644"
+        assert files["etc/systemd/system/sockets.target.wants/synchook.socket"] == (
+            "link", "/etc/systemd/system/synchook.socket")
     elif kind == "openrc":
         script = (root / "etc/init.d/synchook").read_text()
         assert script.startswith("#!/sbin/openrc-run\n")
@@ -198,9 +206,26 @@ def test_systemd_unit_passes_systemd_analyze(shell, tmp_path):
         pytest.skip("systemd-analyze not installed (apt-get install systemd)")
     root = make_root(tmp_path, "systemd")
     assert install(shell, "--root", str(root), "--sync", "true").returncode == 0
-    out = run(["systemd-analyze", "verify", str(root / "etc/systemd/system/synchook.service")])
+    units = [str(root / "etc/systemd/system" / ("synchook." + kind)) for kind in ("socket", "service")]
+    out = run(["systemd-analyze", "verify"] + units)
     assert out.returncode == 0, out.stderr
-    assert "synchook.service" not in out.stderr, out.stderr
+    assert "synchook.s" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("listen, stream", [("127.0.0.1", "127.0.0.1:1800"),
+                                            ("[fe80::1]", "[fe80::1]:1800"),
+                                            ("::", "1800"), ("xo-guest.lan", None)])
+def test_the_socket_unit_binds_what_listen_names(tmp_path, listen, stream):
+    root = make_root(tmp_path, "systemd")
+    assert install(["dash"], "--root", str(root), "--sync", "true", "--listen", listen,
+                   "--port", "1800").returncode == 0
+    socket_unit = root / "etc/systemd/system/synchook.socket"
+    unit = (root / "etc/systemd/system/synchook.service").read_text()
+    if stream is None:                   # a name: systemd resolves none, synchook binds it
+        assert not socket_unit.exists() and "synchook.socket" not in unit
+    else:
+        assert "\nListenStream=%s\n" % stream in socket_unit.read_text()
+        assert "Requires=synchook.socket" in unit
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -253,6 +278,22 @@ def test_uninstall_and_purge_leave_nothing(shell, kind, tmp_path):
     assert set(tree(root)) - set(before) == {"etc/synchook.conf"}     # config kept
     assert install(shell, "--root", str(root), "--purge").returncode == 0
     assert tree(root) == before
+
+
+@pytest.mark.parametrize("quoted", ['SYNCHOOK_STATE_DIR="/var/lib/my state"',
+                                    "export SYNCHOOK_STATE_DIR='/var/lib/my state' # mine"])
+def test_purge_reads_the_state_dir_as_synchook_does(tmp_path, quoted):
+    root = make_root(tmp_path, "sysv")
+    assert install(["dash"], "--root", str(root), "--sync", "x").returncode == 0
+    with open(str(root / "etc/synchook.conf"), "a") as conf:
+        conf.write(quoted + "\n")
+    state = root / "var/lib/my state"
+    state.mkdir(parents=True)
+    (state / "key.pem").write_text("secret key")
+    out = install(["dash"], "--root", str(root), "--purge")
+    assert out.returncode == 0, out.stderr
+    assert not state.exists(), "--purge left the TLS key in %s" % state
+    assert "/var/lib/my state" in out.stderr
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -656,6 +697,16 @@ def test_sysv_script_really_starts_reports_and_stops(private_system):
     start = system.run(["/etc/init.d/synchook", "start"])
     assert start.returncode == 0 and "synchook started" in start.stdout
     assert answers(port)                                # started means listening
+    # restart, and a re-install that changes a setting: synchook runs itself again
+    # in the same process, the port held all along (no local user can take it).
+    pid = int(open(system.path("/run/synchook.pid")).read())
+    restart = system.run(["/etc/init.d/synchook", "restart"])
+    assert restart.returncode == 0, restart.stdout
+    assert "synchook restarted in place (pid %d)" % pid in restart.stdout
+    out = system.run(["dash", INSTALL, "--sync", "echo changed"], env=clean_env())
+    assert out.returncode == 0, out.stderr
+    assert "synchook restarted in place (pid %d)" % pid in out.stdout + out.stderr
+    assert int(open(system.path("/run/synchook.pid")).read()) == pid and answers(port)
     out = system.run(["dash", INSTALL, "--purge"], env=clean_env())
     assert out.returncode == 0, out.stderr
     for path in ("/etc/synchook.conf", "/etc/init.d/synchook", "/run/synchook.pid",
@@ -718,6 +769,10 @@ def test_rc_local_really_starts_at_boot_and_uninstalls(private_system):
     while not answers(port, 1) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert answers(port), "rc.local did not start synchook"
+    pid = int(open(system.path("/run/synchook.pid")).read())
+    out = system.run(shell + [INSTALL, "--sync", "echo changed"], env=clean_env())
+    assert out.returncode == 0 and "synchook restarted in place" in out.stderr, out.stderr
+    assert int(open(system.path("/run/synchook.pid")).read()) == pid and answers(port)
     out = system.run(["dash", INSTALL, "--purge"], env=clean_env())
     assert out.returncode == 0, out.stderr
     assert not answers(port)
@@ -778,26 +833,42 @@ def test_reinstall_with_a_setting_that_would_not_start_changes_nothing(private_s
     assert answers(port)
 
 
-def test_failed_start_after_reinstall_puts_the_previous_agent_back(private_system):
+def sysv_links(system):
+    return sorted(f for d in os.listdir(system.path("/etc")) if re.match(r"rc\d\.d$", d)
+                  for f in os.listdir(system.path("/etc/" + d)) if "synchook" in f)
+
+
+@pytest.mark.parametrize("init", [[], ["--init", "rc.local"]], ids=["same-init", "other-init"])
+def test_failed_start_after_reinstall_puts_the_previous_agent_back(private_system, init):
     """A start can still fail where no check foresaw it (here: the runtime dir held
-    by another synchook): the previous program, settings and service come back."""
+    by another synchook): the previous program, settings and service come back,
+    and the previous service kind when the re-install changed --init (the SysV
+    script and its links)."""
     system = private_system
     port = free_port()
     assert system.install("sysv", port).returncode == 0
     config = open(system.path("/etc/synchook.conf")).read()
+    script, links = open(system.path("/etc/init.d/synchook")).read(), sysv_links(system)
     squatter = subprocess.Popen(
         ["nsenter", "-t", str(system.holder.pid), "-m", sys.executable, SYNCHOOK, "--port", "0",
          "--listen", "127.0.0.1", "--tls", "off", "--runtime-dir", "/run/other"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert b" listening on " in squatter.stderr.readline()
-        out = system.run(["dash", INSTALL, "--runtime-dir", "/run/other"], env=clean_env())
+        out = system.run(["dash", INSTALL, "--runtime-dir", "/run/other"] + init,
+                         env=clean_env())
         assert out.returncode == 1, out.stderr
         assert "the new synchook did not start, so the previous one is running again" \
             in out.stderr, out.stderr
-        assert "is in use by process %d" % squatter.pid not in config
+        if init:
+            assert "putting the sysv service back in place of the rc.local one" in out.stderr
+            rc_local = system.path("/etc/rc.local")
+            assert not os.path.exists(rc_local) or "# BEGIN synchook" not in open(
+                rc_local).read()
         assert open(system.path("/etc/synchook.conf")).read() == config
-        assert answers(port)
+        assert open(system.path("/etc/init.d/synchook")).read() == script
+        assert sysv_links(system) == links
+        assert system.run(["/etc/init.d/synchook", "status"]).returncode == 0 and answers(port)
     finally:
         squatter.terminate()
         squatter.wait(20)

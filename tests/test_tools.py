@@ -242,11 +242,39 @@ def test_call_reports_failing_hook(start):
     assert "post-sync 200 Ok" in out.stdout
 
 
-def test_call_unreachable_target():
+def test_call_says_refused_dropped_or_slow():
+    """Three failures an admin must tell apart: nothing listens (refused), the
+    packets vanish (dropped: here a full accept queue, where the kernel drops
+    the SYN, as a dropping firewall does), or the guest takes its time (slow)."""
     port = free_port()
     out = call("https://127.0.0.1:%d" % port, "--pause", "0", "--timeout", "3")
     assert out.returncode == 1
-    assert "failed: cannot reach 127.0.0.1:%d: Connection refused" % port in out.stdout
+    assert "sync      failed: refused: nothing listens on 127.0.0.1 port %d" % port \
+        in out.stdout, out.stdout
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = []
+    for _ in range(3):                       # fills the accept queue (never accepted)
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(full.getsockname())
+        queued.append(sock)
+    time.sleep(0.2)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                         # accepts (the kernel does), never answers
+    try:
+        out = call("http://127.0.0.1:%d" % full.getsockname()[1], "--pause", "0",
+                   "--timeout", "1")
+        assert "sync      failed: dropped: no connection within 1 s" in out.stdout, out.stdout
+        out = call("http://127.0.0.1:%d" % silent.getsockname()[1], "--pause", "0",
+                   "--timeout", "1")
+        assert "sync      failed: slow: connected, but no answer within 1 s" in out.stdout, \
+            out.stdout
+    finally:
+        for sock in queued + [full, silent]:
+            sock.close()
 
 
 @pytest.mark.parametrize("args", [["ftp://x/"], ["not an address!"], ["1.2.3.4", "--timeout", "-1"],

@@ -80,8 +80,12 @@ class GuestError(Exception):
 class Guest:
     """One booted guest: run(), its forwarded port, its serial log."""
 
-    def __init__(self, image_dir, data_disks=()):
+    def __init__(self, image_dir, data_disks=(), restored=None):
+        """data_disks: names of new blank disks; restored: {name: image} disks
+        that start as those images (snapshots another guest's hypervisor took:
+        the restore an admin does), written to overlays, the images untouched."""
         self.image_dir = image_dir
+        self.restored = dict(restored or {})
         self.work = tempfile.mkdtemp(prefix="synchook-guest-")
         self.port = free_port()
         self.data_disks = list(data_disks)    # names: /dev/disk/by-id/virtio-NAME in the guest
@@ -114,9 +118,13 @@ class Guest:
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-chardev", "file,id=ser0,path=%s" % self.serial_log, "-serial", "chardev:ser0",
             "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
-        for name in self.data_disks:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk(name), "128M"],
-                           check=True)
+        for name in self.data_disks + sorted(self.restored):
+            if name in self.restored:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                                self.restored[name], self.disk(name)], check=True)
+            else:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk(name),
+                                "128M"], check=True)
             argv += ["-drive", "file=%s,if=none,id=%s,format=qcow2" % (self.disk(name), name),
                      "-device", "virtio-blk-pci,drive=%s,serial=%s" % (name, name)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
