@@ -33,7 +33,7 @@ sections are:
                         the cap (XO's connections before strangers'), the socket
                         systemd passes (synchook.socket), the restart in place
   TLS                   a self-signed certificate from the standard library
-  call, check, ...      the admin's tools: call, tag, thaw, status, check
+  call, check, ...      the admin's tools: call, fleet, tag, thaw, status, check
   serve, and main       start-up order (lock, recovery, guardian, then the rest),
                         recover, the command line
 """
@@ -2653,6 +2653,69 @@ def thaw_paths(points):
 # The sync window: one state machine, one command at a time
 # ---------------------------------------------------------------------------
 
+class TurnQueue:
+    """A fair lock: requests take turns in arrival order; `first` jumps the
+    queue (a /post-sync that cuts a sync phase short, the shutdown).  Each
+    waiter sleeps on a lock of its own and the turn is handed to the next one
+    alone: waking every waiter at every turn made the cost of a crowd grow
+    with its square."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting = collections.deque()
+        self.busy = False
+
+    def take(self, first=False):
+        with self.lock:
+            if not self.busy:
+                self.busy = True
+                return
+            me = threading.Lock()
+            me.acquire()
+            if first:
+                self.waiting.appendleft(me)
+            else:
+                self.waiting.append(me)
+        log.wake_writer()                  # this thread waits: the writer's turn
+        me.acquire()                       # released by give: the turn is ours
+
+    def give(self):
+        with self.lock:
+            if self.waiting:
+                self.waiting.popleft().release()     # busy stays True: handed over
+            else:
+                self.busy = False
+
+
+class PostProgress:
+    """The post phase of the open window: its plan (fixed when the window
+    opens, or read from a dead run's marker), what is still owed of it and
+    why, and what ran."""
+
+    def __init__(self, plan, done=()):
+        self.plan = plan
+        self.done = sorted(done)           # labels, kept in the marker
+        self.rest = [step for step in plan if step[0] not in self.done]
+        self.results = []                  # of the steps that ran
+        self.owed = None                   # why the rest is still owed
+        self.tries = 0
+
+    def ran(self, results, rest):
+        """Take in what a try of run_post_steps did."""
+        owed_labels = set(label for label, _ in rest)
+        self.results.extend(result for result in results if result.started)
+        self.done.extend(label for label, _ in self.rest if label not in owed_labels)
+        self.rest = rest
+
+
+class Opening:
+    """When the open window opened (wall clock, for /status and the marker;
+    monotonic, for its ceiling), and for whom."""
+
+    def __init__(self, by):
+        self.at, self.mono, self.by = time.time(), time.monotonic(), by
+
+
 class SyncWindow:
     """/sync opens the window, /post-sync closes it; the post phase is owed
     exactly once per window that ran its sync phase.
@@ -2680,57 +2743,30 @@ class SyncWindow:
         self.max_hold = max_hold
         self.marker = marker
         self.guardian = guardian       # releases the window if this process dies
-        self.cond = threading.Condition()
-        self.waiting = collections.deque()
-        self.busy = False
+        self.turns = TurnQueue()
+        self.cond = threading.Condition()   # guards the state below; the watchdog waits on it
         self.cancel = Canceller()
         self.is_open = False
         self.syncing = False
         self.stopped = False
         self.released_by_watchdog = False
-        self.opened_at = None          # wall clock, for /status and the marker
-        self.opened_mono = None        # monotonic, for the window's ceiling
-        self.opened_by = None
+        self.opening = None            # an Opening while the window is open
         self.deadline = None           # monotonic; set once the sync phase ended
         self.window_answer = None      # what this window's /sync answered
         self.watchdog_stale = False    # a deadline it has not seen yet (see settle)
-        self.plan = []                 # the post phase's steps, fixed when the window opens
-        self.post_rest = None          # post steps still owed, once the post phase began
-        self.post_results = []         # results of the post steps that ran
-        self.post_done = []            # their labels, kept in the marker
-        self.owed = None               # why the rest of the post phase is still owed
-        self.tries = 0
+        self.post = None               # the open window's PostProgress
         self.last = {"sync": None, "post-sync": None}
         self.watchdog = threading.Thread(target=self._watch, name="max-hold", daemon=True)
 
-    # The fair lock ---------------------------------------------------------
-    # Each waiter sleeps on a lock of its own and the turn is handed to the
-    # next one alone: waking every waiter at every turn made the cost of a
-    # crowd grow with its square.
-    def _take_turn(self, first=False):
-        with self.cond:
-            if not self.busy:
-                self.busy = True
-                return
-            me = threading.Lock()
-            me.acquire()
-            if first:
-                self.waiting.appendleft(me)
-            else:
-                self.waiting.append(me)
-        log.wake_writer()                  # this thread waits: the writer's turn
-        me.acquire()                       # released by _give_turn: the turn is ours
-
-    def _give_turn(self):
-        with self.cond:
-            if self.waiting:
-                self.waiting.popleft().release()     # busy stays True: handed over
-            else:
-                self.busy = False
+    @property
+    def owed(self):
+        """Why the open window's post phase is still owed, or None."""
+        post = self.post
+        return post.owed if post is not None else None
 
     # Requests --------------------------------------------------------------
     def sync(self, client):
-        self._take_turn()
+        self.turns.take()
         try:
             if self.stopped:
                 return 503, "shutting down"
@@ -2742,7 +2778,7 @@ class SyncWindow:
                     # XO's checkpoint fallback repeats /sync once; a hard ceiling
                     # keeps anyone else from holding the guest frozen for ever.
                     deadline = min(time.monotonic() + self.max_hold,
-                                   self.opened_mono + 2 * self.max_hold)
+                                   self.opening.mono + 2 * self.max_hold)
                     if self.deadline is None or deadline < self.deadline:
                         self.watchdog_stale = True   # else it wakes in time anyway
                     self.deadline = deadline
@@ -2768,7 +2804,7 @@ class SyncWindow:
             self._record("sync", steps)
             return self.window_answer
         finally:
-            self._give_turn()
+            self.turns.give()
 
     def sync_answer(self, steps):
         """phase_answer, and when a step failed, what the freeze did anyway."""
@@ -2785,7 +2821,7 @@ class SyncWindow:
             if cut_short:
                 log.warning("/post-sync arrived while the sync phase runs: ending it")
                 self.cancel.set()
-        self._take_turn(first=cut_short)
+        self.turns.take(first=cut_short)
         try:
             if self.is_open:
                 return self._close(client, "/post-sync")
@@ -2800,7 +2836,7 @@ class SyncWindow:
             self._record("post-sync", steps)
             return phase_answer(steps)
         finally:
-            self._give_turn()
+            self.turns.give()
 
     def status(self):
         def result(last):
@@ -2812,9 +2848,10 @@ class SyncWindow:
                     "steps": [step.as_dict() for step in steps]}
 
         with self.cond:
+            opening = self.opening
             state = {"state": "open" if self.is_open else "idle",
-                     "open_since": iso(self.opened_at) if self.opened_at else None,
-                     "opened_by": self.opened_by,
+                     "open_since": iso(opening.at) if opening else None,
+                     "opened_by": opening.by if opening else None,
                      "last_sync": result(self.last["sync"]),
                      "last_post_sync": result(self.last["post-sync"])}
             left = None
@@ -2824,7 +2861,7 @@ class SyncWindow:
             if freezer is not None:
                 state["frozen"] = freezer.status()
             if self.owed is not None:
-                state["post_phase_owed"] = {"reason": self.owed, "tries": self.tries,
+                state["post_phase_owed"] = {"reason": self.owed, "tries": self.post.tries,
                                             "next_try_in": left}
             elif left is not None:
                 state["max_hold_left"] = left
@@ -2836,8 +2873,8 @@ class SyncWindow:
         if self.guardian is not None and not self.guardian.ensure():
             return "no guardian could be started"
         plan = self.phases.post_plan()
-        opened_at = time.time()
-        problem = self.marker.open_window(client, opened_at, plan, self.phases.timeout)
+        opening = Opening(client)
+        problem = self.marker.open_window(client, opening.at, plan, self.phases.timeout)
         if problem:
             return problem
         with self.cond:
@@ -2845,13 +2882,10 @@ class SyncWindow:
             self.syncing = True
             self.cancel.clear()
             self.released_by_watchdog = False
-            self.opened_at = opened_at
-            self.opened_mono = time.monotonic()
-            self.opened_by = client
+            self.opening = opening
             self.deadline = None
             self.window_phases = self.phases
-            self.plan = plan
-            self.post_rest, self.post_results, self.post_done = None, [], []
+            self.post = PostProgress(plan)
         # No file is written from here to the window's close: a sync step may
         # freeze any filesystem, the one under the log included.
         log.hold()
@@ -2874,42 +2908,37 @@ class SyncWindow:
         not start (no descriptor, no fork) or a filesystem not verified thawed
         keeps the window open, the marker in place, and is tried again after a
         short wait (POST_RETRIES) by the watchdog."""
-        if self.post_rest is None:
-            self.post_rest = list(self.plan)
+        post = self.post
         status = self.window_answer[0] if self.window_answer else None
         sync_result = ("unknown" if client in ("restart", "recover") else
                        "ok" if status == 200 else "failed")
-        self._set_ceiling(len(self.post_rest) * self.window_phases.timeout)
-        results, rest = self.window_phases.run_post_steps(self.post_rest, client, sync_result,
+        self._set_ceiling(len(post.rest) * self.window_phases.timeout)
+        results, rest = self.window_phases.run_post_steps(post.rest, client, sync_result,
                                                           self.marker.add_post_group)
-        owed_labels = set(label for label, _ in rest)
-        self.post_results.extend(result for result in results if result.started)
-        self.post_done.extend(label for label, _ in self.post_rest if label not in owed_labels)
-        self.post_rest = rest
+        post.ran(results, rest)
         if rest:
             failed = [result for result in results if not result.started][0]
             reason = failed.reason if failed.label in ("post-sync", "thaw") else "%s: %s" % (
                 failed.label, failed.reason)
-            wait = POST_RETRIES[min(self.tries, len(POST_RETRIES) - 1)]
+            wait = POST_RETRIES[min(post.tries, len(POST_RETRIES) - 1)]
             with self.cond:
-                self.tries += 1
-                self.owed = reason
+                post.tries += 1
+                post.owed = reason
                 self.deadline = time.monotonic() + wait
                 self.cond.notify_all()
-            self.marker.add({"post_done": self.post_done})
+            self.marker.add({"post_done": post.done})
             self._set_ceiling(wait + len(rest) * self.window_phases.timeout)
             log.alert("post phase (%s, try %d) %s: %s; still owed, next try in %s s",
-                      why, self.tries, "not done" if failed.label == "thaw" else
+                      why, post.tries, "not done" if failed.label == "thaw" else
                       "could not start", reason, seconds(wait))
-            self._record("post-sync", self.post_results + [failed])
+            self._record("post-sync", post.results + [failed])
             return 500, "post phase not done: %s (retried in %s s)" % (reason, seconds(wait))
-        steps = self.post_results
+        steps = post.results
         with self.cond:
             self.is_open = False
             self.deadline = None
-            self.opened_at = self.opened_mono = self.opened_by = None
-            self.post_rest, self.post_results, self.post_done = None, [], []
-            self.owed, self.tries = None, 0
+            self.opening = None
+            self.post = None
             self.window_phases = self.phases     # a recovery's steps end with its window
             self.watchdog_stale = True
         self.marker.close_window()
@@ -2937,59 +2966,15 @@ class SyncWindow:
             self.last[phase] = (time.time(), steps)     # /status formats it
 
     # Outside requests -------------------------------------------------------
-    def recover(self, who="restart", settings=True):
-        """Close the window a dead run left open, if its marker says there is
-        one; the caller holds the runtime dir's lock, so this runs once per
-        window whoever gets there first (a restart, or the dead run's
-        guardian).  First the dead run's freeze is thawed (nothing else can),
-        then the process groups its sync phase started are ended (a sync
-        command finishing after the thaw would freeze the guest again), a post
-        step it had started is waited for (never run twice at once), then what
-        is owed of its post phase runs, as the marker describes it.  True if
-        there was one.  settings=False (the guardian's recovery, which reads no
-        settings): a marker that names no post phase (synchook 1.2) is thawed
-        and left for the next start, which runs the post phase from its
-        settings."""
-        info = self.marker.read(adopt=True)
-        if info is None:
-            return False
-        same_boot = info.get("boot_id") == boot_id()
-        leftover = LeftoverFreeze(info.get("freeze"), info.get("frozen")) if same_boot else None
-        if not settings and marker_plan(info) is None:
-            log.error("%s names no post phase (an older synchook wrote it): thawing only; the "
-                      "next start runs the post phase from its settings", self.marker.path)
-            if leftover is not None:
-                leftover.thaw()
-            return False
-        log.warning("found %s (window opened %s by %s, process %s): the previous run ended "
-                    "with a window open, for %s s now; running its post phase (%s)",
-                    self.marker.path, marker_field(info, "opened_at"),
-                    marker_field(info, "client"), marker_field(info, "pid"),
-                    open_for(info), who)
-        if leftover is not None:
-            leftover.thaw()
-        timeout = info.get("timeout")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            timeout = self.phases.timeout or XO_TIMEOUT - 5
-        end_leftover_groups(info)
-        done = set(wait_for_post_steps(info, timeout))
-        recorded = info.get("post_done")
-        if isinstance(recorded, list):
-            done.update(label for label in recorded if isinstance(label, str))
-        plan = marker_plan(info)
-        if plan is None:                   # a marker of synchook 1.2 or older
-            plan = self.phases.post_plan()
+    def adopt(self, who, phases, plan, done):
+        """Take a dead run's window (recover_window) and run what is owed of its
+        post phase, with its steps (phases) and plan."""
         with self.cond:
             self.is_open = True
-            self.opened_at = time.time()
-            self.opened_mono = time.monotonic()
-            self.opened_by = who
-            self.window_phases = self.phases.for_recovery(leftover, timeout)
-            self.plan = plan
-            self.post_rest = [step for step in plan if step[0] not in done]
-            self.post_done = sorted(done)
+            self.opening = Opening(who)
+            self.window_phases = phases
+            self.post = PostProgress(plan, done)
         self._close(who, who)
-        return True
 
     def _watch(self):
         while True:
@@ -3007,12 +2992,12 @@ class SyncWindow:
                         self.cond.wait(self.max_hold)
                     else:
                         self.cond.wait()
-            self._take_turn()
+            self.turns.take()
             try:
                 expired = (self.is_open and not self.stopped and self.deadline is not None
                            and time.monotonic() >= self.deadline)
                 if expired and self.owed is not None:
-                    log.info("post phase: try %d", self.tries + 1)
+                    log.info("post phase: try %d", self.post.tries + 1)
                     self._close("retry", "retry")
                     self.released_by_watchdog = not self.is_open
                 elif expired:
@@ -3021,7 +3006,7 @@ class SyncWindow:
                     self._close("max-hold", "max-hold")
                     self.released_by_watchdog = not self.is_open
             finally:
-                self._give_turn()
+                self.turns.give()
 
     def retry_owed(self, why, patience):
         """Try what is owed of the post phase again, as POST_RETRIES paces it,
@@ -3037,7 +3022,7 @@ class SyncWindow:
 
         Returns False when the post phase is still owed at exit (it could not
         start within SHUTDOWN_RETRY): the marker stays for the next start."""
-        self._take_turn(first=True)
+        self.turns.take(first=True)
         try:
             if self.is_open:
                 log.warning("shutting down with a window open: running the post phase")
@@ -3050,7 +3035,52 @@ class SyncWindow:
                 self.cond.notify_all()
             return not self.is_open
         finally:
-            self._give_turn()
+            self.turns.give()
+
+
+def recover_window(window, who="restart", settings=True):
+    """Close the window a dead run left open, if its marker says there is
+    one; the caller holds the runtime dir's lock, so this runs once per window
+    whoever gets there first (a restart, or the dead run's guardian).  First
+    the dead run's freeze is thawed (nothing else can), then the process
+    groups its sync phase started are ended (a sync command finishing after
+    the thaw would freeze the guest again), a post step it had started is
+    waited for (never run twice at once), then what is owed of its post phase
+    runs, as the marker describes it.  True if there was one.
+    settings=False (the guardian's recovery, which reads no settings): a
+    marker that names no post phase (synchook 1.2) is thawed and left for the
+    next start, which runs the post phase from its settings."""
+    marker, phases = window.marker, window.phases
+    info = marker.read(adopt=True)
+    if info is None:
+        return False
+    same_boot = info.get("boot_id") == boot_id()
+    leftover = LeftoverFreeze(info.get("freeze"), info.get("frozen")) if same_boot else None
+    plan = marker_plan(info)
+    if not settings and plan is None:
+        log.error("%s names no post phase (an older synchook wrote it): thawing only; the "
+                  "next start runs the post phase from its settings", marker.path)
+        if leftover is not None:
+            leftover.thaw()
+        return False
+    log.warning("found %s (window opened %s by %s, process %s): the previous run ended "
+                "with a window open, for %s s now; running its post phase (%s)",
+                marker.path, marker_field(info, "opened_at"), marker_field(info, "client"),
+                marker_field(info, "pid"), open_for(info), who)
+    if leftover is not None:
+        leftover.thaw()
+    timeout = info.get("timeout")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        timeout = phases.timeout or XO_TIMEOUT - 5
+    end_leftover_groups(info)
+    done = set(wait_for_post_steps(info, timeout))
+    recorded = info.get("post_done")
+    if isinstance(recorded, list):
+        done.update(label for label in recorded if isinstance(label, str))
+    if plan is None:                   # a marker of synchook 1.2 or older
+        plan = phases.post_plan()
+    window.adopt(who, phases.for_recovery(leftover, timeout), plan, done)
+    return True
 
 
 # The marker: the window's record, in the runtime dir (tmpfs, never frozen) -------
@@ -4005,9 +4035,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""                 # do not advertise the Python version
     protocol_version = "HTTP/1.1"    # XO keeps connections alive
 
-    def version_string(self):
-        return self.server_version
-
     # Connection set-up ------------------------------------------------------
     def setup(self):
         self.connection = self.request
@@ -4230,6 +4257,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def serve_status(self):
         state = self.server.window.status()
+        # For `synchook fleet`: would this caller's /sync be served, what would freeze.
+        state["client_allowed"] = self.server.allowed(self.client_ip)
+        state["freeze_plan"] = freeze_points(self.server.cfg)
         state["log_lines_dropped"] = log.dropped
         state["log_writer_errors"] = log.failures
         state["version"] = __version__
@@ -4272,10 +4302,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             log.noise(self.client_ip, *line, wrong_secret=text == WRONG_SECRET)
 
-    def log_request(self, code="-", size="-"):
-        pass                  # reply() logs one line per request, with its duration
-
     def log_message(self, fmt, *args):
+        # Never called by the paths used (reply() logs each request): kept so that
+        # nothing of http.server's ever writes to stderr, which may be a file on a
+        # frozen filesystem.
         log.debug("%s: %s", self.client_ip, fmt % args)
 
 
@@ -4354,6 +4384,93 @@ class Connection:
         self.proven = False            # has carried a valid /sync or /post-sync request
 
 
+class ConnectionTable:
+    """The connections being served, and who may take whose place at the cap
+    (max_connections, lowered at start to fit the descriptor limit)."""
+
+    def __init__(self, max_connections):
+        self.max_connections = max_connections
+        self.lock = threading.Lock()
+        self.table = {}                        # socket -> Connection
+        self.known = collections.OrderedDict()   # addresses that sent a valid request
+
+    def admit(self, request, ip, status_only, window_open):
+        """Add a new connection, making room at the cap; False: refused."""
+        with self.lock:
+            full = len(self.table) >= self.max_connections
+            if status_only:
+                full = full or sum(c.status_only for c in self.table.values()
+                                   ) >= STATUS_ONLY_CONNECTIONS
+            if full:
+                key = self.victim(status_only, ip, window_open)
+                if key is None:
+                    log.noise(ip, "%s: connection refused: %d connections, none that may be "
+                              "dropped", ip, len(self.table), level=30)
+                    return False
+                victim = self.table.pop(key)
+                try:
+                    socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                log.debug("connection limit: dropped the oldest %s connection%s", victim.state,
+                          " (loopback, /status only)" if victim.status_only else "")
+            self.table[request] = Connection(request, ip, status_only)
+        return True
+
+    def victim(self, for_status_only, ip, window_open):
+        """Which connection makes room (under the lock), or None: the newcomer
+        is refused.  Never one waiting on the window; connections that may only
+        read /status go first, and a newcomer of that kind takes the place of
+        its own kind only.  A newcomer from an address never seen sending a
+        valid request (a stranger, say a flood of idle connections) may only
+        take a stranger's place: XO's connections (from an address that sent
+        a valid request) are never pushed out by one, whatever the cap.  While
+        a window is open, a connection that carried a /sync or /post-sync (XO's
+        kept-alive one, on which its /post-sync may come) is never dropped."""
+        candidates = [c for c in self.table.items()
+                      if c[1].status_only and c[1].state != "command"]
+        if not candidates and not for_status_only:
+            candidates = [c for c in self.table.items()
+                          if c[1].state != "command" and not (window_open and c[1].hook)]
+            strangers = [c for c in candidates
+                         if not c[1].proven and c[1].ip not in self.known]
+            # a stranger takes only a stranger's place; XO, strangers' first
+            candidates = strangers if ip not in self.known else strangers or candidates
+        if not candidates:
+            return None
+        return min(candidates, key=lambda item: item[1].since)[0]
+
+    def prove(self, conn):
+        """conn carried a valid hook request: it, and its address from now on,
+        are XO's, which no stranger's connection may push out."""
+        with self.lock:
+            conn.proven = True
+            self.known[conn.ip] = True
+            self.known.move_to_end(conn.ip)
+            if len(self.known) > KNOWN_CLIENTS:
+                self.known.popitem(last=False)
+
+    def get(self, request):
+        with self.lock:
+            return self.table.get(request)
+
+    def pop(self, request):
+        with self.lock:
+            return self.table.pop(request, None)
+
+    def rewrap(self, sock, tls):
+        """The connection on sock now speaks TLS (so eviction can still reach it)."""
+        with self.lock:
+            conn = self.table.get(sock)
+            if conn is not None:
+                conn.sock = tls
+
+    def busy(self):
+        """Is a connection in the middle of a request?"""
+        with self.lock:
+            return any(c.state in ("busy", "command") for c in self.table.values())
+
+
 class SyncHookServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024         # a burst of connections must not overflow the backlog
@@ -4365,11 +4482,12 @@ class SyncHookServer(ThreadingHTTPServer):
         self.window = window
         self.tls_context = tls_context
         self.waker = waker
-        self.max_connections = max_connections
         self.started = time.monotonic()
-        self.connections = {}
-        self.connections_lock = threading.Lock()
-        self.known = collections.OrderedDict()   # addresses that sent a valid request
+        self.connections = ConnectionTable(max_connections)
+        # The spares are counted under the table's lock: one order for counting
+        # threads and admitting connections.  Two locks let about 40 more
+        # threads pile up under 1,000 stalled connections (tests/test_access.py).
+        self.spares_lock = self.connections.lock
         self.spares = 0                   # connection threads in (or on their way to) accept()
         self.accept_paused = False
         self.descriptor_freed = threading.Event()
@@ -4451,7 +4569,7 @@ class SyncHookServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         if host in ("::", "0.0.0.0"):
             host = "127.0.0.1"               # the dual-stack socket takes IPv4 too
-        with self.connections_lock:
+        with self.spares_lock:
             spares = self.spares
         for _ in range(spares):
             try:
@@ -4464,15 +4582,13 @@ class SyncHookServer(ThreadingHTTPServer):
         request: the last ones taken before a restart in place are answered."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self.connections_lock:
-                busy = any(c.state in ("busy", "command") for c in self.connections.values())
-            if not busy:
+            if not self.connections.busy():
                 return
             time.sleep(0.05)
 
     def add_spare(self):
         """Start one more thread waiting for a connection; False if it cannot start."""
-        with self.connections_lock:
+        with self.spares_lock:
             self.spares += 1
         try:
             # Not threading.Thread: its start() waits until the new thread runs,
@@ -4481,7 +4597,7 @@ class SyncHookServer(ThreadingHTTPServer):
             _thread.start_new_thread(self._connections, ())
             return True
         except RuntimeError as err:          # no thread can be started now
-            with self.connections_lock:
+            with self.spares_lock:
                 self.spares -= 1
             log.error("cannot start a connection thread: %s", err)
             return False
@@ -4492,7 +4608,7 @@ class SyncHookServer(ThreadingHTTPServer):
         one before it serves, so that someone always accepts."""
         while True:
             request, client_address = self.accept_next()
-            with self.connections_lock:
+            with self.spares_lock:
                 self.spares -= 1
                 last = self.spares == 0
             if request is None:
@@ -4500,7 +4616,7 @@ class SyncHookServer(ThreadingHTTPServer):
             if last and not self.waker.stopping:
                 self.add_spare()
             self.serve_connection(request, client_address)
-            with self.connections_lock:
+            with self.spares_lock:
                 if self.spares >= IDLE_WORKERS or self.waker.stopping:
                     return
                 self.spares += 1
@@ -4568,73 +4684,17 @@ class SyncHookServer(ThreadingHTTPServer):
         if status_only and not is_loopback(ip):   # loopback: /status only
             log.noise(ip, "%s: connection refused: not in --allow", ip, level=30)
             return False
-        with self.connections_lock:
-            full = len(self.connections) >= self.max_connections
-            if status_only:
-                full = full or sum(c.status_only for c in self.connections.values()
-                                   ) >= STATUS_ONLY_CONNECTIONS
-            if full:
-                key = self.eviction_victim(status_only, ip)
-                if key is None:
-                    log.noise(ip, "%s: connection refused: %d connections, none that may be "
-                              "dropped", ip, len(self.connections), level=30)
-                    return False
-                victim = self.connections.pop(key)
-                try:
-                    socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                log.debug("connection limit: dropped the oldest %s connection%s", victim.state,
-                          " (loopback, /status only)" if victim.status_only else "")
-            self.connections[request] = Connection(request, ip, status_only)
-        return True
+        return self.connections.admit(request, ip, status_only, self.window.is_open)
 
     def prove(self, conn):
-        """conn carried a valid hook request: it, and its address from now on,
-        are XO's, which no stranger's connection may push out."""
-        if conn is None:
-            return
-        with self.connections_lock:
-            conn.proven = True
-            self.known[conn.ip] = True
-            self.known.move_to_end(conn.ip)
-            if len(self.known) > KNOWN_CLIENTS:
-                self.known.popitem(last=False)
-
-    def eviction_victim(self, for_status_only, ip):
-        """Which connection makes room (under the lock), or None: the newcomer
-        is refused.  Never one waiting on the window; connections that may only
-        read /status go first, and a newcomer of that kind takes the place of
-        its own kind only.  A newcomer from an address never seen sending a
-        valid request (a stranger, say a flood of idle connections) may only
-        take a stranger's place: XO's connections (from an address that sent
-        a valid request) are never pushed out by one, whatever the cap.  While
-        a window is open, a connection that carried a /sync or /post-sync (XO's
-        kept-alive one, on which its /post-sync may come) is never dropped."""
-        candidates = [c for c in self.connections.items()
-                      if c[1].status_only and c[1].state != "command"]
-        if not candidates and not for_status_only:
-            window_open = self.window.is_open
-            candidates = [c for c in self.connections.items()
-                          if c[1].state != "command" and not (window_open and c[1].hook)]
-            if ip not in self.known:
-                candidates = [c for c in candidates
-                              if not c[1].proven and c[1].ip not in self.known]
-            else:                        # strangers' connections first
-                strangers = [c for c in candidates
-                             if not c[1].proven and c[1].ip not in self.known]
-                candidates = strangers or candidates
-        if not candidates:
-            return None
-        return min(candidates, key=lambda item: item[1].since)[0]
+        if conn is not None:
+            self.connections.prove(conn)
 
     def connection_of(self, request):
-        with self.connections_lock:
-            return self.connections.get(request)
+        return self.connections.get(request)
 
     def shutdown_request(self, request):
-        with self.connections_lock:
-            conn = self.connections.pop(request, None)
+        conn = self.connections.pop(request)
         if conn is not None and conn.ended:    # reply() shut it down already
             self.close_request(request)
         else:
@@ -4675,10 +4735,7 @@ class SyncHookServer(ThreadingHTTPServer):
         if not is_tls:
             return sock
         tls = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        with self.connections_lock:
-            conn = self.connections.get(sock)
-            if conn is not None:
-                conn.sock = tls              # so eviction can still reach it
+        self.connections.rewrap(sock, tls)
         try:
             handshake(tls, handler.deadline)
         except (OSError, ValueError) as err:
@@ -5338,8 +5395,8 @@ def undici_reuse(keep_alive):
     return max(0.0, min(int(match.group(1)) - UNDICI_THRESHOLD, UNDICI_MAX_KEEPALIVE))
 
 
-COMMANDS_EPILOG = ("Commands: serve (the default), check, call, tag, status, thaw, recover; "
-                   "'synchook.py COMMAND --help' for each.")
+COMMANDS_EPILOG = ("Commands: serve (the default), check, call, fleet, tag, status, thaw, "
+                   "recover; 'synchook.py COMMAND --help' for each.")
 
 
 def cmd_call(argv):
@@ -5434,6 +5491,257 @@ class Output:
             print(text)
         self.kept = []
         sys.stdout.flush()
+
+
+# fleet: which tagged VMs XO will reach, checked from the XO host ---------------
+
+HOOK_TAG = "xo:notify-on-snapshot"
+IPV4_KEY = re.compile(r"^\d+/ip(?:v4/\d+)?$")      # XO's getVmAddress, key by key
+IPV6_KEY = re.compile(r"^\d+/ipv6/\d+$")
+FLEET_FIELDS = "name_label,tags,addresses,power_state"
+
+
+def xo_hook_url(tags, networks):
+    """(URL or None, why not ready) as XO's _httpHook builds it: the last hook
+    tag wins; a bare tag is https://ADDRESS:1727/, ADDRESS the guest tools'
+    first address (IPv4 first, keys in string order).  An IPv6 address is one
+    Node ignores as a host name (XO calls https://localhost:1727/, itself);
+    no address makes XO fail the snapshot."""
+    for tag in reversed(tags):
+        if tag.startswith(HOOK_TAG + "="):
+            return tag[len(HOOK_TAG) + 1:], ""
+        if tag != HOOK_TAG:
+            continue
+        keys = sorted(networks or {})
+        v4 = [networks[key] for key in keys if IPV4_KEY.match(key)]
+        v6 = [networks[key] for key in keys if IPV6_KEY.match(key)]
+        if v4:
+            return "https://%s:%d/" % (v4[0], DEFAULT_PORT), ""
+        if v6:
+            return ("https://localhost:%d/" % DEFAULT_PORT,
+                    "IPv6 only: XO calls its own localhost; tag it "
+                    "xo:notify-on-snapshot=https://[%s]:%d/" % (v6[0], DEFAULT_PORT))
+        return None, "no address from the guest tools: XO fails the snapshot"
+    return None, "no hook tag"
+
+
+def fleet_targets(lines, secret):
+    """[(name, URL or None, why not ready)] from lines of `[NAME] TARGET`:
+    TARGET an address (as `call` takes it, the bare tag's https and port 1727),
+    a URL, or a whole tag `xo:notify-on-snapshot=URL`.  A secret goes into the
+    query of targets that are no URL (XO sends only what the tag holds)."""
+    targets = []
+    for number, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 2:
+            raise ConfigError("line %d: expected [NAME] TARGET, got %r" % (number, line.strip()))
+        target = words[-1]
+        if target.startswith(HOOK_TAG + "="):
+            target = target[len(HOOK_TAG) + 1:]
+        scheme, host, port, query = parse_target(target)
+        if "://" not in target and secret:
+            query = "token=" + urllib.parse.quote(secret, safe="")
+        shown = "[%s]" % host if ":" in host else host
+        url = "%s://%s:%d/%s" % (scheme, shown, port, "?" + query if query else "")
+        targets.append((words[0] if len(words) == 2 else target, url, ""))
+    return targets
+
+
+def xo_vms(xo_url, token, verify, timeout):
+    """[(name, URL or None, why not ready)] for XO's VMs that carry a hook tag,
+    read from XO's REST API (GET /rest/v0/vms, the token as the
+    authenticationToken cookie).  A VM that is not running gets no hook call."""
+    parts = urllib.parse.urlsplit(xo_url.rstrip("/"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("--xo %s: expected https://XO-HOST" % xo_url)
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", "%s/rest/v0/vms?fields=%s" % (parts.path, FLEET_FIELDS),
+                     headers={"Cookie": "authenticationToken=" + token,
+                              "Accept": "application/json"})
+        response = conn.getresponse()
+        body = response.read(64 << 20)
+    except (OSError, http.client.HTTPException) as err:
+        raise ConfigError("--xo %s: %s" % (xo_url, err))
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise ConfigError("--xo %s: GET /rest/v0/vms answered %d %s" % (
+            xo_url, response.status, response.reason))
+    try:
+        vms = json.loads(body.decode("utf-8"))
+    except ValueError as err:
+        raise ConfigError("--xo %s: not JSON: %s" % (xo_url, err))
+    found = []
+    for vm in vms if isinstance(vms, list) else []:
+        tags = vm.get("tags") if isinstance(vm, dict) else None
+        if not isinstance(tags, list) or not any(
+                tag == HOOK_TAG or str(tag).startswith(HOOK_TAG + "=") for tag in tags):
+            continue
+        name = str(vm.get("name_label") or "?")
+        if vm.get("power_state") != "Running":
+            found.append((name, None, "not running: XO calls no hook for it"))
+            continue
+        url, why = xo_hook_url([str(tag) for tag in tags], vm.get("addresses") or {})
+        found.append((name, url, why))
+    return found
+
+
+def check_target(name, url, why, timeout):
+    """One row of the fleet table: what GET /status says, with XO's headers
+    and the tag's query (never /sync: nothing runs, nothing freezes)."""
+    row = {"name": name, "url": url and re.sub(r"token=[^&]*", "token=***", url),
+           "ready": False, "reach": "-", "tls": "-", "version": "-", "allowed": "-",
+           "last_sync": "-", "freeze": "-", "problem": why}
+    if url is None:
+        if why.startswith("not running"):
+            row["ready"] = None          # nothing to check, nothing wrong
+        return row
+    scheme, host, port, query = parse_target(url)
+    conn = client_connection(scheme, host, port, timeout)
+    try:
+        status, text, _, _ = xo_request(conn, "/status" + ("?" + query if query else ""),
+                                        timeout, dict(XO_HEADERS))
+    finally:
+        conn.close()
+    row["tls"] = "yes" if scheme == "https" else "no"
+    if status is None:                     # "refused: ...", "cannot reach H:P: closed: ..."
+        how = text.split(": ", 2)[1] if text.startswith("cannot reach ") else text
+        row["reach"], row["problem"] = how.split(":", 1)[0], text
+        if scheme == "https" and "SSL" in text:
+            row["reach"], row["tls"] = "closed", "failed"
+            row["problem"] = ("no TLS handshake: the guest runs --tls off (XO's bare tag "
+                              "speaks HTTPS), or this host is not in its --allow")
+        if why:
+            row["problem"] = "%s; %s" % (why, row["problem"])
+        return row
+    row["reach"] = "ok"
+    if status == 403:
+        row["allowed"] = "no"
+        row["problem"] = "; ".join(filter(None, (why, "403 %s" % text)))
+        return row
+    try:
+        state = json.loads(text)
+    except ValueError:
+        state = None
+    if status != 200 or not isinstance(state, dict) or "version" not in state:
+        row["problem"] = "not synchook's /status: %s %s" % (status, text[:80])
+        return row
+    row["version"] = state.get("version")
+    allowed = state.get("client_allowed")
+    row["allowed"] = {True: "yes", False: "no"}.get(allowed, "?")
+    last = state.get("last_sync")
+    if isinstance(last, dict):
+        row["last_sync"] = "%s at %s" % (last.get("status"), last.get("at"))
+    else:
+        row["last_sync"] = "none yet"
+    plan = state.get("freeze_plan")
+    if isinstance(plan, list):
+        row["freeze"] = ",".join(str(point) for point in plan) or "none"
+    problems = [why] if why else []
+    if allowed is False:
+        problems.append("this host is not in the guest's --allow")
+    if state.get("post_phase_owed"):
+        problems.append("a post phase is owed: %s" % state["post_phase_owed"].get("reason"))
+    row["problem"] = "; ".join(problems)
+    row["ready"] = not problems
+    return row
+
+
+FLEET_COLUMNS = (("name", "NAME"), ("ready", "READY"), ("reach", "REACH"), ("tls", "TLS"),
+                 ("version", "VERSION"), ("allowed", "ALLOWED"), ("last_sync", "LAST SYNC"),
+                 ("freeze", "FREEZE"), ("url", "URL"), ("problem", "PROBLEM"))
+
+
+def fleet_table(rows):
+    def cell(row, key):
+        value = row[key]
+        if key == "ready":
+            return {True: "yes", False: "NO", None: "-"}[value]
+        return "-" if value in (None, "") else str(value)
+
+    table = [[title for _, title in FLEET_COLUMNS]]
+    table += [[cell(row, key) for key, _ in FLEET_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(FLEET_COLUMNS) - 1)]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)) +
+                     "  " + line[-1] for line in table)
+
+
+def cmd_fleet(argv):
+    parser = argument_parser(
+        prog="%s fleet" % os.path.basename(sys.argv[0]),
+        description="From the XO host, before a backup: which VMs will be quiesced? Each "
+                    "VM's synchook is asked GET /status (never /sync: nothing runs) the way "
+                    "XO would call it: the URL XO builds from the tag, XO's headers, the tag's "
+                    "secret.",
+        epilog="FILE (or - for stdin): one VM a line, `[NAME] TARGET`, TARGET an address "
+               "(10.0.0.5: the bare tag's https and port 1727), a URL, or the whole tag "
+               "(xo:notify-on-snapshot=https://10.0.0.5:1727/?token=S). Or --xo with a token: "
+               "every running VM with a hook tag, from XO's REST API.\n"
+               "Exit 0 when every VM is ready, 1 when one is not, 2 on bad usage.\n" +
+               COMMANDS_EPILOG, allow_abbrev=False)
+    parser.add_argument("file", metavar="FILE", nargs="?",
+                        help="targets, one a line (- for stdin)")
+    parser.add_argument("--xo", metavar="URL", help="XO's address: read the VMs from its "
+                        "REST API (/rest/v0/vms) instead of FILE")
+    parser.add_argument("--xo-token-file", metavar="PATH", help="XO's authentication token "
+                        "(xo-cli --createToken), or SYNCHOOK_XO_TOKEN")
+    parser.add_argument("--xo-insecure", action="store_true",
+                        help="do not verify XO's certificate")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="a secret for targets given as addresses (sent as ?token=, as "
+                             "a tag would carry it)")
+    parser.add_argument("--timeout", metavar="SEC", default="10",
+                        help="how long to wait for each VM (default 10)")
+    parser.add_argument("--jobs", metavar="N", default="16",
+                        help="VMs checked at once (default 16)")
+    parser.add_argument("--json", action="store_true", help="one JSON list, not a table")
+    args = parser.parse_args(argv)
+    try:
+        timeout = parse_seconds(args.timeout)
+        jobs = parse_count(args.jobs)
+        secret = read_secret_file(args.secret_file) if args.secret_file else None
+        if args.xo:
+            if args.file:
+                raise ConfigError("give FILE or --xo, not both")
+            token = (read_secret_file(args.xo_token_file) if args.xo_token_file
+                     else os.environ.get("SYNCHOOK_XO_TOKEN", ""))
+            if not token:
+                raise ConfigError("--xo needs a token: --xo-token-file or SYNCHOOK_XO_TOKEN")
+            targets = xo_vms(args.xo, token, not args.xo_insecure, timeout)
+        else:
+            if not args.file:
+                raise ConfigError("give FILE (or - for stdin), or --xo")
+            if args.file == "-":
+                lines = sys.stdin.read(1 << 20).splitlines()
+            else:
+                with open(args.file) as handle:
+                    lines = handle.read(1 << 20).splitlines()
+            targets = fleet_targets(lines, secret)
+    except OSError as err:
+        parser.error("%s: %s" % (err.filename or args.file, err.strerror))
+    except ConfigError as err:
+        parser.error(str(err))
+    import concurrent.futures                 # the admin's tool only
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(lambda target: check_target(target[0], target[1], target[2],
+                                                         timeout), targets))
+    print(json.dumps(rows, indent=1) if args.json else fleet_table(rows))
+    not_ready = [row for row in rows if row["ready"] is False]
+    if not args.json:
+        print("%d VMs: %d ready, %d not ready, %d not running" % (
+            len(rows), sum(row["ready"] is True for row in rows), len(not_ready),
+            sum(row["ready"] is None for row in rows)))
+    return 1 if not_ready else 0
 
 
 # tag: what to set in XO for this guest -----------------------------------------
@@ -5851,12 +6159,19 @@ def access_rule(cfg):
     return "%s%s" % (who, " with the secret" if cfg.secret else ", no secret")
 
 
+def freeze_points(cfg):
+    """The mount points --freeze would freeze now."""
+    if not cfg.freeze:
+        return []
+    return [mount.point for mount in freeze_plan(read_mounts(), cfg.freeze,
+                                                 cfg.freeze_under)[0]]
+
+
 def freeze_rule(cfg):
     """What --freeze will freeze, in words, for the start line."""
     if not cfg.freeze:
         return ""
-    points = ", ".join(mount.point for mount in freeze_plan(
-        read_mounts(), cfg.freeze, cfg.freeze_under)[0])
+    points = ", ".join(freeze_points(cfg))
     if cfg.freeze == "all":
         return " freeze=all%s (now: %s)" % (" under %s" % cfg.freeze_under if cfg.freeze_under
                                            else "", points)
@@ -5932,7 +6247,7 @@ def cmd_serve(cfg):
     # Recovery first: anything before it (a key written to --state-dir, a
     # certificate read, a log line written to a file) could block on the
     # filesystem the dead run froze.
-    window.recover()
+    recover_window(window)
     try:
         if not window.is_open:           # else the recovered window, still owed, keeps it
             marker.prepare()
@@ -5957,7 +6272,7 @@ def cmd_serve(cfg):
     except ConfigError:
         window.shutdown()
         raise
-    server.max_connections = connection_cap(cfg.max_connections)
+    server.connections.max_connections = connection_cap(cfg.max_connections)
     host, port = server.server_address[:2]
     scheme = {"auto": "https+http", "on": "https", "off": "http"}[
         cfg.tls if context is not None else "off"]
@@ -6053,7 +6368,7 @@ def recover_runtime_dir(runtime_dir):
     cfg.skip_freeze_on_failure = False
     cfg.timeout = None                   # the marker's
     window = SyncWindow(Phases(cfg), XO_TIMEOUT, Marker(runtime_dir, lock))
-    if not window.recover("recover", settings=False):
+    if not recover_window(window, "recover", settings=False):
         if marker_present(window.marker.path):
             return 1                     # an older synchook's marker: the next start's
         log.info("recover: no window is owed (%s)", window.marker.path)
@@ -6088,12 +6403,15 @@ def main(argv=None):
     reopen_standard_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
-    if argv and argv[0] in ("serve", "check", "call", "tag", "status", "thaw", "recover"):
+    if argv and argv[0] in ("serve", "check", "call", "tag", "status", "thaw", "recover",
+                            "fleet"):
         command = argv.pop(0)
     if sys.argv[0] and os.path.isfile(sys.argv[0]):
         PROGRAM[0] = os.path.abspath(sys.argv[0])     # before cwd becomes /
     if command == "call":
         return cmd_call(argv)
+    if command == "fleet":
+        return cmd_fleet(argv)
     if command == "thaw":
         return cmd_thaw(argv)
     if command == "recover":
