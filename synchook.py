@@ -2709,11 +2709,14 @@ class PostProgress:
 
 
 class Opening:
-    """When the open window opened (wall clock, for /status and the marker;
-    monotonic, for its ceiling), and for whom."""
+    """The open window: when it opened (wall clock, for /status and the
+    marker; monotonic, for its ceiling), for whom, whether its sync phase
+    still runs, and what its /sync answered."""
 
-    def __init__(self, by):
+    def __init__(self, by, syncing=False):
         self.at, self.mono, self.by = time.time(), time.monotonic(), by
+        self.syncing = syncing
+        self.answer = None
 
 
 class SyncWindow:
@@ -2746,17 +2749,18 @@ class SyncWindow:
         self.turns = TurnQueue()
         self.cond = threading.Condition()   # guards the state below; the watchdog waits on it
         self.cancel = Canceller()
-        self.is_open = False
-        self.syncing = False
         self.stopped = False
         self.released_by_watchdog = False
         self.opening = None            # an Opening while the window is open
         self.deadline = None           # monotonic; set once the sync phase ended
-        self.window_answer = None      # what this window's /sync answered
         self.watchdog_stale = False    # a deadline it has not seen yet (see settle)
         self.post = None               # the open window's PostProgress
         self.last = {"sync": None, "post-sync": None}
         self.watchdog = threading.Thread(target=self._watch, name="max-hold", daemon=True)
+
+    @property
+    def is_open(self):
+        return self.opening is not None
 
     @property
     def owed(self):
@@ -2784,25 +2788,26 @@ class SyncWindow:
                     self.deadline = deadline
                 self._set_ceiling(deadline - time.monotonic())
                 log.info("window already open: sync phase not run again; max-hold restarted")
-                return self.window_answer
+                return self.opening.answer
             problem = self._open(client)
             if problem:
                 log.alert("/sync refused, nothing run: %s (a window must have a record "
                           "and a guardian)", problem)
                 return 500, "nothing run: " + problem
-            self.window_answer = 500, "internal error"    # replaced unless sync_phase raises
+            opening = self.opening
+            opening.answer = 500, "internal error"    # replaced unless sync_phase raises
             try:
                 steps = self.phases.sync_phase(client, self.cancel, self.marker)
             finally:
                 # Whatever happened, the window is open: the max-hold clock runs.
                 with self.cond:
-                    self.syncing = False
+                    opening.syncing = False
                     self.deadline = time.monotonic() + self.max_hold
                     self.watchdog_stale = True
                 self._set_ceiling(self.max_hold)
-            self.window_answer = self.sync_answer(steps)
+            opening.answer = self.sync_answer(steps)
             self._record("sync", steps)
-            return self.window_answer
+            return opening.answer
         finally:
             self.turns.give()
 
@@ -2817,7 +2822,7 @@ class SyncWindow:
 
     def post_sync(self, client):
         with self.cond:
-            cut_short = self.syncing
+            cut_short = self.opening is not None and self.opening.syncing
             if cut_short:
                 log.warning("/post-sync arrived while the sync phase runs: ending it")
                 self.cancel.set()
@@ -2873,13 +2878,11 @@ class SyncWindow:
         if self.guardian is not None and not self.guardian.ensure():
             return "no guardian could be started"
         plan = self.phases.post_plan()
-        opening = Opening(client)
+        opening = Opening(client, syncing=True)
         problem = self.marker.open_window(client, opening.at, plan, self.phases.timeout)
         if problem:
             return problem
         with self.cond:
-            self.is_open = True
-            self.syncing = True
             self.cancel.clear()
             self.released_by_watchdog = False
             self.opening = opening
@@ -2909,7 +2912,8 @@ class SyncWindow:
         keeps the window open, the marker in place, and is tried again after a
         short wait (POST_RETRIES) by the watchdog."""
         post = self.post
-        status = self.window_answer[0] if self.window_answer else None
+        answer = self.opening.answer
+        status = answer[0] if answer else None
         sync_result = ("unknown" if client in ("restart", "recover") else
                        "ok" if status == 200 else "failed")
         self._set_ceiling(len(post.rest) * self.window_phases.timeout)
@@ -2935,7 +2939,6 @@ class SyncWindow:
             return 500, "post phase not done: %s (retried in %s s)" % (reason, seconds(wait))
         steps = post.results
         with self.cond:
-            self.is_open = False
             self.deadline = None
             self.opening = None
             self.post = None
@@ -2970,7 +2973,6 @@ class SyncWindow:
         """Take a dead run's window (recover_window) and run what is owed of its
         post phase, with its steps (phases) and plan."""
         with self.cond:
-            self.is_open = True
             self.opening = Opening(who)
             self.window_phases = phases
             self.post = PostProgress(plan, done)

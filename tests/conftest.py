@@ -24,6 +24,18 @@ import synchook  # noqa: E402  (only for the certificate maker and constants)
 sys.dont_write_bytecode = False
 
 
+MARKERS = {
+    "slow": "a module of a minute or more: the real guest, the databases, the benches, "
+            "XO's code (the fast subset: -m 'not slow')",
+    "install": "runs install.sh (many shell and Python forks per test)",
+}
+
+
+def pytest_configure(config):
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", "%s: %s" % (name, text))
+
+
 def interpreters():
     """Every CPython 3.6+ under ~/.pyenv, and python3 from PATH, with a skip reason."""
     found = []

@@ -1,10 +1,13 @@
 """bench/run works end to end (tiny counts; no timing is asserted)."""
 
+import pytest
 import os
 import subprocess
 import sys
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_runs_and_prints_table_and_targets():

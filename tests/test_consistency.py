@@ -12,6 +12,8 @@ import pytest
 
 import consistency
 
+pytestmark = pytest.mark.slow
+
 DATABASES = ["postgresql", "mariadb", "sqlite"]
 
 

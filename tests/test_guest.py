@@ -23,6 +23,8 @@ from conftest import ROOT, http_get
 sys.path.insert(0, ROOT + "/tests/vm")
 import guest as vm  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 # In the guest: is / frozen?  A file is created in the background; a second later
 # it is there (thawed), or its creation still waits (frozen; it ends at the thaw).
 # The waiting `touch` keeps none of the agent's output pipes open.

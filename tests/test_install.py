@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT, SYNCHOOK, free_port, run, synchook
 
+pytestmark = pytest.mark.install
+
 INSTALL = os.path.join(ROOT, "install.sh")
 
 # Settings the systemd unit must never have.  Each of the first group makes systemd

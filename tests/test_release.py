@@ -18,6 +18,8 @@ import pytest
 
 from conftest import SYNCHOOK, free_port, read_marker, run, window_open
 
+pytestmark = pytest.mark.slow
+
 
 def tgkill(pid, tid, sig):
     """Send sig to one thread of pid, as the kernel may for a process-directed signal."""

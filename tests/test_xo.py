@@ -31,7 +31,8 @@ def xo_available():
     return None
 
 
-pytestmark = pytest.mark.skipif(xo_available() is not None, reason=xo_available() or "")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(xo_available() is not None, reason=xo_available() or "")]
 
 
 def xo(**case):
