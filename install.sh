@@ -67,6 +67,8 @@ usr/bin/python3.8 usr/bin/python3.7 usr/bin/python3.6 bin/python3"
 info() { printf 'info: %s\n' "$*" >&2; }
 warn() { printf 'warn: %s\n' "$*" >&2; }
 fatal() { FATAL=1; printf 'error: %s\n' "$*" >&2; exit 1; }
+# A bad option or setting: exit 2, as synchook's own (nothing was done).
+usage_error() { FATAL=1; printf 'error: %s\n' "$*" >&2; exit 2; }
 
 usage() {
     cat <<'USAGE'
@@ -111,6 +113,9 @@ SYNCHOOK_OPEN_FIREWALL=1, SYNCHOOK_NO_START=1,
 SYNCHOOK_DRY_RUN=1, SYNCHOOK_UNINSTALL=1, SYNCHOOK_PURGE=1, and SYNCHOOK_SYNC,
 SYNCHOOK_POST_SYNC, ... for the daemon settings (the option name in capitals, dashes
 as underscores).
+
+Exit 0 when done, 1 when it failed (nothing half-installed), 2 for a bad option or
+setting (nothing done).
 USAGE
 }
 
@@ -235,17 +240,17 @@ parse_args() {
             --version) printf 'install.sh for synchook %s\n' "$INSTALLER_VERSION"; MAIN_DONE=1; exit 0 ;;
             --unset)
                 need_value "$@"
-                is_daemon_option "$2" || fatal "--unset $2: not a setting (one of: $(printf '%s' "$DAEMON_OPTIONS" | tr '\n' ' '))"
+                is_daemon_option "$2" || usage_error "--unset $2: not a setting (one of: $(printf '%s' "$DAEMON_OPTIONS" | tr '\n' ' '))"
                 eval "UNSET_$(option_var "$2")=1; export UNSET_$(option_var "$2")"
                 SETTINGS_GIVEN=1
                 shift ;;
-            --*=*) fatal "write '${1%%=*} VALUE', not '$1'" ;;
+            --*=*) usage_error "write '${1%%=*} VALUE', not '$1'" ;;
             --*)
-                is_daemon_option "${1#--}" || fatal "unknown option $1 (see --help)"
+                is_daemon_option "${1#--}" || usage_error "unknown option $1 (see --help)"
                 need_value "$@"
                 add_setting "${1#--}" "$2"
                 shift ;;
-            *) fatal "unexpected argument '$1' (see --help)" ;;
+            *) usage_error "unexpected argument '$1' (see --help)" ;;
         esac
         shift
     done
@@ -253,18 +258,18 @@ parse_args() {
     ROOT=${ROOT%/}
     [ -n "$ROOT" ] && NO_START=1
     case $INIT in ""|systemd|openrc|sysv|rc.local|none) ;;
-        *) fatal "--init $INIT: must be systemd, openrc, sysv, rc.local or none" ;; esac
+        *) usage_error "--init $INIT: must be systemd, openrc, sysv, rc.local or none" ;; esac
     if [ -n "$SHA256" ]; then
-        case $SHA256 in *[!0-9a-fA-F]*) fatal "--sha256 $SHA256: not a hexadecimal SHA-256" ;; esac
-        [ ${#SHA256} = 64 ] || fatal "--sha256: a SHA-256 is 64 hexadecimal digits, not ${#SHA256}"
+        case $SHA256 in *[!0-9a-fA-F]*) usage_error "--sha256 $SHA256: not a hexadecimal SHA-256" ;; esac
+        [ ${#SHA256} = 64 ] || usage_error "--sha256: a SHA-256 is 64 hexadecimal digits, not ${#SHA256}"
     fi
-    case $PYTHON in ""|/*) ;; *) fatal "--python $PYTHON: give the absolute path" ;; esac
+    case $PYTHON in ""|/*) ;; *) usage_error "--python $PYTHON: give the absolute path" ;; esac
     PROGRAM="$ROOT$PREFIX/sbin/synchook"           # a launcher: runs the module below
     MODULE_DIR="$ROOT$PREFIX/lib/synchook"         # synchook.py and its compiled bytecode
 }
 
 need_value() {
-    [ $# -ge 2 ] || fatal "$1 needs a value"
+    [ $# -ge 2 ] || usage_error "$1 needs a value"
 }
 
 # add_setting NAME VALUE: remember one daemon setting (a later one wins).  It is
@@ -548,11 +553,11 @@ PY
     # The new program judges the new settings before anything is written.
     if ! merge_check=$("$HOST_PYTHON" -I -S "$WORK/synchook.py" check --parse-only \
             --config "$WORK/synchook.conf" 2>&1); then
-        fatal "the settings are not valid, nothing installed: $(printf '%s' "$merge_check" \
+        usage_error "the settings are not valid, nothing installed: $(printf '%s' "$merge_check" \
             | tail -n 1 | sed "s|$WORK/synchook.conf line [0-9]*: ||")"
     fi
     # synchook itself takes port 0 (a free one, for tests); a service needs a fixed one.
-    [ "$(effective port)" != 0 ] || fatal "the settings are not valid, nothing installed: --port 0: a service needs a fixed port (XO's bare tag calls 1727)"
+    [ "$(effective port)" != 0 ] || usage_error "the settings are not valid, nothing installed: --port 0: a service needs a fixed port (XO's bare tag calls 1727)"
     while read -r merge_change; do
         info "$merge_change"
     done <"$WORK/changes"
@@ -1208,7 +1213,7 @@ open_firewall() {
     # has parsed them; this keeps any other character out of the commands below).
     for fw_source in $fw_sources; do
         case $fw_source in
-            *[!0-9A-Fa-f:./]*|'') fatal "--allow $fw_source: not an address or a network" ;;
+            *[!0-9A-Fa-f:./]*|'') usage_error "--allow $fw_source: not an address or a network" ;;
         esac
     done
     # The rules an earlier --open-firewall opened are closed first: a changed

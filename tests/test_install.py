@@ -435,7 +435,7 @@ def test_help_lists_variables():
                  "--dry-run", "SYNCHOOK_SYNC"):
         assert word in out.stdout
     bad = run(["dash", INSTALL, "--frobnicate"])
-    assert bad.returncode == 1 and "unknown option --frobnicate" in bad.stderr
+    assert bad.returncode == 2 and "unknown option --frobnicate" in bad.stderr
 
 
 @pytest.mark.parametrize("downloader", ["wget", "python3"])
@@ -542,7 +542,7 @@ def test_bad_setting_is_refused_before_anything_is_written(shell, tmp_path, args
     root = make_root(tmp_path, "sysv")
     before = tree(root)
     out = install(shell, "--root", str(root), *args)
-    assert out.returncode == 1
+    assert out.returncode == 2                          # a bad setting, as synchook says it
     assert "the settings are not valid, nothing installed" in out.stderr and shown in out.stderr
     assert tree(root) == before
 
@@ -550,7 +550,7 @@ def test_bad_setting_is_refused_before_anything_is_written(shell, tmp_path, args
 @pytest.mark.parametrize("value", ["abc", "0" * 63, "0" * 65, "g" * 64])
 def test_sha256_must_be_64_hex_digits(tmp_path, value):
     out = install(["dash"], "--root", str(make_root(tmp_path, "s" + value[:3])), "--sha256", value)
-    assert out.returncode == 1 and "--sha256" in out.stderr
+    assert out.returncode == 2 and "--sha256" in out.stderr
 
 
 def test_uninstall_dry_run_says_would_remove(tmp_path):
@@ -892,7 +892,7 @@ def test_unset_drops_one_setting_and_keeps_the_rest(shell, tmp_path):
     conf = (root / "etc/synchook.conf").read_text()
     assert "SYNCHOOK_ALLOW" not in conf and "SYNCHOOK_SYNC='one'" in conf
     out = install(shell, "--root", str(root), "--unset", "nonsense")
-    assert out.returncode == 1 and "--unset nonsense: not a setting" in out.stderr
+    assert out.returncode == 2 and "--unset nonsense: not a setting" in out.stderr
 
 
 def test_bytecode_names_the_installed_path_not_the_build_directory(tmp_path):
