@@ -954,6 +954,8 @@ Commands (each takes --help):
   synchook.py check [options]        run the sync then the post phase once, locally
                                      (the real commands); --parse-only runs nothing
   synchook.py call TARGET [options]  act as XO: /sync, a pause, /post-sync
+  synchook.py fleet FILE|--xo URL    from the XO host: which VMs will be quiesced
+                                     (/status only)
   synchook.py tag [options]          print the XO tag for this guest
   synchook.py status [options]       show the running daemon's /status
   synchook.py thaw [--under DIR]     thaw every frozen local filesystem (rescue)
@@ -5710,7 +5712,12 @@ def cmd_fleet(argv):
     args = parser.parse_args(argv)
     try:
         timeout = parse_seconds(args.timeout)
-        jobs = parse_count(args.jobs)
+        try:
+            jobs = int(args.jobs, 10)
+        except ValueError:
+            jobs = 0
+        if jobs < 1:
+            raise ConfigError("--jobs %s: give a whole number, 1 or more" % args.jobs)
         secret = read_secret_file(args.secret_file) if args.secret_file else None
         if args.xo:
             if args.file:

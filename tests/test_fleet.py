@@ -67,9 +67,11 @@ def test_fifty_vms_some_misconfigured(start, rec, tmp_path):
     assert rec.lines() == []                             # /status only: nothing ran
     # the same with the secret the guests want, given for lines without a URL
     secret = secret_file(tmp_path, "fleet-secret", "S3cret")
-    out = fleet("-", "--json", "--secret-file", secret,
+    out = fleet("-", "--json", "--secret-file", secret, "--jobs", "1",
                 stdin="\n".join(line for line in lines if "-secret " in line))
     assert out.returncode == 0 and all(row["ready"] for row in json.loads(out.stdout))
+    bad = fleet("-", "--jobs", "0", stdin="")
+    assert bad.returncode == 2 and "--jobs 0: give a whole number, 1 or more" in bad.stderr
 
 
 VMS = [
