@@ -48,7 +48,7 @@ DAEMON_OPTIONS="sync post-sync hold hooks-dir hook-words freeze freeze-under ski
 timeout max-hold listen port tls
 tls-cert tls-key secret secret-file allow header-timeout max-connections runtime-dir state-dir
 log-level"
-INSTALLER_VERSION="1.6.0"      # the synchook release this install.sh comes with
+INSTALLER_VERSION="1.7.0"      # the synchook release this install.sh comes with
 DEFAULT_BASE_URL=""            # set when the project is published at a fixed place
 CONFIG_FILE=/etc/synchook.conf
 SERVICE=synchook
@@ -499,31 +499,12 @@ if os.path.isfile(existing):
         old = {name: value for name, (value, _) in synchook.read_config_file(existing).items()}
     except synchook.ConfigError as err:
         sys.exit("error: cannot read the existing %s: %s (fix it, or pass --reset)" % (existing, err))
-keep = {} if reset else old
-lines, changes, final = [], [], {}
-for opt in synchook.OPTIONS:
-    name = opt.env
-    given = os.environ.get("SETTING_" + name)
-    if os.environ.get("UNSET_" + name) == "1":
-        if name in old:
-            changes.append("dropped %s (--unset)" % name)
-        continue
-    if given is not None:
-        final[name] = given
-        if name not in old:
-            changes.append("set %s" % name)
-        elif old[name] != given:
-            changes.append("changed %s" % name)
-    elif name in keep:
-        final[name] = keep[name]
-    elif name in old:
-        changes.append("dropped %s (--reset)" % name)
-    if name in final:
-        lines.append("%s='%s'" % (name, final[name].replace("'", "'\\''")))
+given = {o.env: os.environ["SETTING_" + o.env] for o in synchook.OPTIONS
+         if "SETTING_" + o.env in os.environ}
+unset = {o.env for o in synchook.OPTIONS if os.environ.get("UNSET_" + o.env) == "1"}
+final, changes = synchook.merge_settings(old, given, unset, reset)
 with open(os.path.join(work, "synchook.conf"), "w") as out:
-    out.write("# synchook settings, read by synchook --config (parsed with sh quoting, never run).\n"
-              "# Written by install.sh; see synchook --help for every SYNCHOOK_* name.\n")
-    out.write("".join(line + "\n" for line in lines))
+    out.write(synchook.config_text(final, "install.sh"))
 with open(os.path.join(work, "changes"), "w") as out:
     out.write("".join(line + "\n" for line in changes))
 with open(os.path.join(work, "shown"), "w") as out:       # for the summary: no secret
@@ -799,12 +780,22 @@ sysv_script_text() {
 # chkconfig: 2345 90 10
 # description: Xen Orchestra VM sync hook agent (written by install.sh)
 
+# Where systemd runs, Debian's init-functions hand this script's start, stop and
+# restart to systemctl: synchook never runs twice, beside its unit.
+if [ -r /lib/lsb/init-functions ]; then
+    # shellcheck source=/dev/null
+    . /lib/lsb/init-functions
+fi
+
 PYTHON="$PYTHON"
 PROGRAM="$PREFIX/sbin/synchook"
 CONFIG="$CONFIG_FILE"
 PIDFILE=$PID_FILE
 STARTLOG=$START_LOG
 STOP_WAIT=$(stop_wait)
+
+# A removed, not purged, package leaves this script behind: nothing to run.
+[ -x "\$PROGRAM" ] || exit 0
 
 # A zombie is not running: kill -0 succeeds on one, and waiting for it would wait
 # for whoever must reap it.
@@ -1168,7 +1159,9 @@ summary() {
     [ "$DRY_RUN" = 1 ] && summary_what="would be installed (dry run: nothing changed)"
     summary_changes=$(tr '\n' ',' <"$WORK/changes" | sed 's/,$//; s/,/, /g')
     summary_freeze=$(effective freeze)
-    if [ -n "$(effective allow)" ]; then
+    if [ "$(effective allow)" = none ]; then
+        summary_access="NO ONE (--allow none: closed until you give XO's address)"
+    elif [ -n "$(effective allow)" ]; then
         summary_access="clients in $(effective allow)"
     else
         summary_access="ANYONE who can reach port ${summary_port:-1727}"
@@ -1205,6 +1198,10 @@ open_firewall() {
     # --allow's addresses, where the firewall can take them: the port is opened to
     # XO alone, not to everyone; IPv6 too.
     fw_sources=$(effective allow | tr ',' ' ')
+    if [ "$fw_sources" = none ]; then
+        warn "--open-firewall: nothing opened, --allow none lets no one in"
+        return 0
+    fi
     if [ -n "$ROOT" ]; then
         warn "--open-firewall: not done in an image (--root); open port $fw_port/tcp in the image's firewall configuration"
         return 0
@@ -1505,6 +1502,46 @@ window_marker_open() {
 # drops it, and main then refuses to run.
 END_OF_SCRIPT=--end-of-install.sh
 
+# A synchook installed from a .deb or .rpm belongs to the package manager:
+# install.sh would run a second service beside it, or write over its files.
+package_manager_owning() {
+    if have dpkg-query && [ "$(dpkg-query --admindir="$ROOT/var/lib/dpkg" -W -f='${Status}' \
+            synchook 2>/dev/null)" = "install ok installed" ]; then
+        printf 'dpkg'
+    elif have rpm && rpm_database && rpm --root "${ROOT:-/}" --dbpath "$RPM_DB" -q --quiet \
+            synchook 2>/dev/null; then
+        printf 'rpm'
+    fi
+}
+
+# RPM_DB: where the target's rpm database is, if it has one (asking rpm about a
+# database that does not exist would create one, in the image or in ~/.rpmdb).
+rpm_database() {
+    for RPM_DB in /var/lib/rpm /usr/lib/sysimage/rpm; do
+        for rpm_file in rpmdb.sqlite Packages Packages.db; do
+            [ -f "$ROOT$RPM_DB/$rpm_file" ] && return 0
+        done
+    done
+    return 1
+}
+
+# A removed synchook package whose settings dpkg still records (apt remove, not
+# purge): dpkg's record is purged, its /etc/synchook.conf kept as install.sh's
+# own, so that a later `apt purge` cannot take the config from under this install.
+forget_removed_package() {
+    [ -z "$ROOT" ] && [ "$DRY_RUN" != 1 ] && have dpkg-query || return 0
+    case $(dpkg-query -W -f='${Status}' synchook 2>/dev/null) in
+        *config-files) ;;
+        *) return 0 ;;
+    esac
+    info "taking the settings over from the removed synchook package (dpkg --purge synchook: its leftover record)"
+    [ -f "$CONFIG_FILE" ] && { cp -p "$CONFIG_FILE" "$CONFIG_FILE.kept" || fatal "cannot keep $CONFIG_FILE"; }
+    dpkg --purge synchook >/dev/null || fatal "dpkg --purge synchook failed"
+    if [ -f "$CONFIG_FILE.kept" ]; then
+        mv "$CONFIG_FILE.kept" "$CONFIG_FILE" || fatal "cannot put $CONFIG_FILE back (it is in $CONFIG_FILE.kept)"
+    fi
+}
+
 main() {
     eval "main_last=\${$#}"
     if [ "$main_last" != "$END_OF_SCRIPT" ]; then
@@ -1527,6 +1564,10 @@ main() {
     if [ "$DRY_RUN" != 1 ] && [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
         fatal "run install.sh as root (or with --root DIR to install into a directory)"
     fi
+    main_owner=$(package_manager_owning)
+    if [ -n "$main_owner" ]; then
+        fatal "synchook is installed from a package here ($main_owner): change its settings with 'synchook configure --allow ... --freeze ...', or remove the package first (its /etc/synchook.conf stays), then run install.sh"
+    fi
     if [ "$UNINSTALL" = 1 ]; then
         uninstall
         MAIN_DONE=1
@@ -1536,6 +1577,7 @@ main() {
     detect_init
     get_program
     merge_settings                       # checked by the new program: nothing written yet
+    forget_removed_package
     before=$(fingerprint)
     keep_previous
     # The firewall first: if it cannot be opened, nothing else is written.

@@ -33,7 +33,8 @@ sections are:
                         the cap (XO's connections before strangers'), the socket
                         systemd passes (synchook.socket), the restart in place
   TLS                   a self-signed certificate from the standard library
-  call, check, ...      the admin's tools: call, fleet, tag, thaw, status, check
+  call, check, ...      the admin's tools: call, fleet, tag, thaw, status, check,
+                        configure (the --config file, checked as install.sh checks it)
   serve, and main       start-up order (lock, recovery, guardian, then the rest),
                         recover, the command line
 """
@@ -82,7 +83,7 @@ try:
 except ImportError:  # Python built without OpenSSL: plain HTTP only
     ssl = None
 
-__version__ = "1.6.0"
+__version__ = "1.7.0"
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -152,6 +153,7 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 LISTEN_FD = 3                      # the listening socket passed by systemd (LISTEN_FDS,
                                    # sd_listen_fds(3)) or kept by a restart in place
 REEXEC_NAME = "synchook-reexec"    # LISTEN_FDNAMES of a socket kept by a restart in place
+REEXEC_SYSTEMD_NAME = "synchook-reexec-systemd"    # the same, when the socket is systemd's
 CLOCK_BOOTTIME = 7                 # Linux's clock id (time.CLOCK_BOOTTIME is 3.7+)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")   # the unit of a start time in /proc/PID/stat
 WRONG_SECRET = "forbidden: missing or wrong secret"
@@ -805,13 +807,35 @@ def parse_bool(text):
     raise ConfigError("must be 1 or 0")
 
 
+class Nobody:
+    """--allow none: the allow-list no address is in.  A package installs synchook
+    closed this way, until the admin names XO (synchook configure --allow ...);
+    loopback may still read /status."""
+
+    def __contains__(self, address):
+        return False
+
+    def __str__(self):
+        return "none"
+
+
+NOBODY = Nobody()
+CLOSED_HINT = ("closed until configured: synchook configure --allow XO_ADDRESS (or "
+               "--secret-file FILE)")
+
+
 def parse_allow(text):
-    networks = []
-    for entry in text.split(","):
-        entry = entry.strip()
-        if entry:
-            networks.append(parse_network(entry))
-    return networks
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if "none" in entries:
+        if len(entries) > 1:
+            raise ConfigError("'none' lets no one in: it cannot stand beside addresses")
+        return [NOBODY]
+    return [parse_network(entry) for entry in entries]
+
+
+def is_closed(cfg):
+    """--allow none: every client refused (loopback may read /status)."""
+    return cfg.allow == [NOBODY]
 
 
 def parse_network(entry):
@@ -922,7 +946,8 @@ OPTIONS = [
     Option("secret_file", "--secret-file", "SYNCHOOK_SECRET_FILE", "", parse_text, "PATH",
            "access", "read the secret from a file (trailing newline stripped)"),
     Option("allow", "--allow", "SYNCHOOK_ALLOW", "", parse_allow, "LIST", "access",
-           "comma-separated addresses or CIDR blocks allowed to connect (default: all)"),
+           "comma-separated addresses or CIDR blocks allowed to connect, or 'none' "
+           "(a package's start: closed until configured) (default: all)"),
     Option("header_timeout", "--header-timeout", "SYNCHOOK_HEADER_TIMEOUT", "10", parse_seconds,
            "SEC", "access", "time a client has to complete the TLS handshake and request head"),
     Option("max_connections", "--max-connections", "SYNCHOOK_MAX_CONNECTIONS", "256",
@@ -953,6 +978,8 @@ Commands (each takes --help):
   synchook.py [serve] [options]      answer XO's /sync and /post-sync (the default)
   synchook.py check [options]        run the sync then the post phase once, locally
                                      (the real commands); --parse-only runs nothing
+  synchook.py configure [options]    change /etc/synchook.conf, checked first; the
+                                     running daemon restarts in place with it
   synchook.py call TARGET [options]  act as XO: /sync, a pause, /post-sync
   synchook.py fleet FILE|--xo URL    from the XO host: which VMs will be quiesced
                                      (/status only)
@@ -1052,14 +1079,15 @@ STATUS_DESCRIPTION = """\
 Show the /status of the synchook running with these settings, asked over
 loopback (always allowed for /status, whatever --allow says)."""
 DESCRIPTIONS = {"serve": SERVE_DESCRIPTION, "check": CHECK_DESCRIPTION,
-                "tag": TAG_DESCRIPTION, "status": STATUS_DESCRIPTION}
+                "tag": TAG_DESCRIPTION, "status": STATUS_DESCRIPTION}   # configure's: below
 
 
 def build_serve_parser(prog, command="serve"):
     """The parser of every command that reads the daemon's settings (serve,
     check, tag, status), with that command's own flags."""
+    description = CONFIGURE_DESCRIPTION if command == "configure" else DESCRIPTIONS[command]
     parser = argument_parser(
-        prog=prog, description=DESCRIPTIONS[command], epilog=SERVE_EPILOG, allow_abbrev=False)
+        prog=prog, description=description, epilog=SERVE_EPILOG, allow_abbrev=False)
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     if command == "check":
         parser.add_argument("--no-run", action="store_true",
@@ -1076,6 +1104,11 @@ def build_serve_parser(prog, command="serve"):
                                  "and print the tag that carries it")
     elif command == "status":
         parser.add_argument("--json", action="store_true", help="print /status as it is")
+    elif command == "configure":
+        parser.add_argument("--reset", action="store_true",
+                            help="start from the defaults, not from the file's settings")
+        parser.add_argument("--unset", metavar="NAME", action="append", default=[],
+                            help="drop one setting of the file's (--unset allow); repeatable")
     import argparse
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     own = TOOL_SETTINGS.get(command)
@@ -1266,6 +1299,46 @@ def read_config_file(path):
 
 
 SKIPPED = re.compile(r"(?:\s+|#[^\n]*)*")
+
+
+def merge_settings(old, given, unset=(), reset=False):
+    """The settings a config file gets when `given` ({SYNCHOOK_NAME: value}) is
+    laid over the `old` file's, for install.sh and configure alike: reset forgets
+    the old ones, names in unset are dropped.  A secret given to a file whose
+    --allow is 'none' (a package's closed start) opens it: the secret guards the
+    hook from now on.  Returns (settings in OPTIONS order, changes in words)."""
+    keep = {} if reset else dict(old)
+    final, changes = collections.OrderedDict(), []
+    if keep.get("SYNCHOOK_ALLOW", "").strip() == "none" and "SYNCHOOK_ALLOW" not in given \
+            and (given.get("SYNCHOOK_SECRET") or given.get("SYNCHOOK_SECRET_FILE")):
+        del keep["SYNCHOOK_ALLOW"]
+        changes.append("dropped SYNCHOOK_ALLOW=none: the secret guards the hook now")
+        old = {name: value for name, value in old.items() if name != "SYNCHOOK_ALLOW"}
+    for opt in OPTIONS:
+        name = opt.env
+        if name in unset:
+            if name in old:
+                changes.append("dropped %s (--unset)" % name)
+        elif name in given:
+            final[name] = given[name]
+            if name not in old:
+                changes.append("set %s" % name)
+            elif old[name] != given[name]:
+                changes.append("changed %s" % name)
+        elif name in keep:
+            final[name] = keep[name]
+        elif name in old:
+            changes.append("dropped %s (--reset)" % name)
+    return final, changes
+
+
+def config_text(settings, writer):
+    """A --config file holding settings, one sh-quoted line each."""
+    lines = ["# synchook settings, read by synchook --config (parsed with sh quoting, never run).",
+             "# Written by %s; see synchook --help for every SYNCHOOK_* name." % writer]
+    lines += ["%s='%s'" % (name, value.replace("'", "'\\''"))
+              for name, value in settings.items()]
+    return "\n".join(lines) + "\n"
 
 
 class Config:
@@ -4226,7 +4299,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "GET":
             return self.reply(405, "method not allowed", {"Allow": "GET"})
         if route != "status" and self.server.status_only(self.client_ip):
-            return self.reply(403, "forbidden: not in --allow (loopback may read /status only)")
+            return self.reply(403, "forbidden: %s (loopback may read /status only)" % (
+                "--allow none, " + CLOSED_HINT if is_closed(self.server.cfg) else "not in --allow"))
         if not self.server.authorized(self.headers, query):
             return self.reply(403, WRONG_SECRET)
         if route != "status":
@@ -4289,6 +4363,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # How long an idle connection stays: undici (XO) then reuses it only
             # while that is more than a second away, never when it is closing.
             lines.append(self.server.keep_alive)
+        # The request's line is queued before the answer leaves: whatever the
+        # client does next (a SIGTERM, the next request) is logged after it.
+        self.log_request_line(status, text)
         # Head and body in one write: one segment on the wire, no Nagle wait.
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + body)
@@ -4296,6 +4373,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_WR)   # the client sees the end at once
             if self.conn is not None:
                 self.conn.ended = True
+
+    def log_request_line(self, status, text):
         if log.level > LEVELS["info"]:
             return                            # request lines are info lines
         path = self.path.partition("?")[0]
@@ -4686,7 +4765,9 @@ class SyncHookServer(ThreadingHTTPServer):
         ip = self.client_ip(client_address)
         status_only = not self.allowed(ip)
         if status_only and not is_loopback(ip):   # loopback: /status only
-            log.noise(ip, "%s: connection refused: not in --allow", ip, level=30)
+            log.noise(ip, "%s: connection refused: %s", ip,
+                      "--allow none, " + CLOSED_HINT if is_closed(self.cfg) else
+                      "not in --allow", level=30)
             return False
         return self.connections.admit(request, ip, status_only, self.window.is_open)
 
@@ -4846,6 +4927,10 @@ def inherited_listener(cfg):
                           % (LISTEN_FD, err.strerror))
     listener.set_inheritable(False)
     port = listener.getsockname()[1]
+    # A restart in place keeps whose the socket is: systemd's is never shut down
+    # (systemd's socket unit would fail: POLLHUP on its listening socket).
+    if names == REEXEC_SYSTEMD_NAME:
+        return listener, True
     kept = names == REEXEC_NAME
     if kept and ((cfg.port and port != cfg.port) or not listen_matches(cfg.listen, listener)):
         log.info("the kept socket (port %d) is not the one the settings ask for: "
@@ -4886,7 +4971,7 @@ def listen_matches(listen, listener):
         return True
 
 
-def restart_in_place(listener):
+def restart_in_place(listener, shared):
     """Run synchook again in this very process (execv: the same pid, so the
     init system's pid file and supervisor stay right), the listening socket
     kept as descriptor LISTEN_FD: a restart never frees the port, and
@@ -4896,7 +4981,8 @@ def restart_in_place(listener):
     if listener.fileno() != LISTEN_FD:
         os.dup2(listener.fileno(), LISTEN_FD)
     os.set_inheritable(LISTEN_FD, True)
-    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES=REEXEC_NAME)
+    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1",
+                      LISTEN_FDNAMES=REEXEC_SYSTEMD_NAME if shared else REEXEC_NAME)
     log.info("restarting in place: %s", " ".join(argv))
     log.close()
     try:
@@ -5186,7 +5272,13 @@ def write_new_file(path, data, sync=False):
     O_NOFOLLOW (nothing planted in the directory is followed or reused), and
     is then renamed over path, so that path is never seen half written.
     """
-    directory = os.path.dirname(path)
+    os.replace(write_candidate(path, data, sync), path)
+
+
+def write_candidate(path, data, sync=False):
+    """A new 0600 file beside path holding data, under an unpredictable name
+    (see write_new_file): its name, for the caller to rename over path."""
+    directory = os.path.dirname(path) or "."
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(8):
         tmp = os.path.join(directory, ".%s.%s" % (os.path.basename(path),
@@ -5205,7 +5297,7 @@ def write_new_file(path, data, sync=False):
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        return tmp
     except BaseException:
         try:
             os.unlink(tmp)
@@ -5399,8 +5491,8 @@ def undici_reuse(keep_alive):
     return max(0.0, min(int(match.group(1)) - UNDICI_THRESHOLD, UNDICI_MAX_KEEPALIVE))
 
 
-COMMANDS_EPILOG = ("Commands: serve (the default), check, call, fleet, tag, status, thaw, "
-                   "recover; 'synchook.py COMMAND --help' for each.")
+COMMANDS_EPILOG = ("Commands: serve (the default), check, configure, call, fleet, tag, status, "
+                   "thaw, recover; 'synchook.py COMMAND --help' for each.")
 
 
 def cmd_call(argv):
@@ -5906,6 +5998,88 @@ def cmd_thaw(argv):
     return 1 if failed else 0
 
 
+# configure: change the --config file, checked as install.sh checks it ------------
+
+CONFIGURE_DESCRIPTION = """\
+Change settings in the --config file (default /etc/synchook.conf): those given
+replace the file's, the others stay.  The new file is judged as install.sh
+judges it (syntax and values, then every check a start makes, running no
+command) before it replaces the old one, which stays as it was otherwise.  A
+running synchook is then told to restart in place (SIGUSR2), which it does
+once no window is open: the port is never closed."""
+
+
+def cmd_configure(argv):
+    parser = build_serve_parser(os.path.basename(sys.argv[0]) + " configure", "configure")
+    args = parser.parse_args(argv)
+    path = os.path.abspath(args.config or os.environ.get("SYNCHOOK_CONFIG") or DEFAULT_CONFIG)
+    given = {opt.env: getattr(args, opt.name) for opt in OPTIONS
+             if opt.name != "config" and getattr(args, opt.name) is not None}
+    unset = set()
+    for name in args.unset:
+        opt = OPTION_BY_ENV.get("SYNCHOOK_" + name.upper().replace("-", "_"))
+        if opt is None or opt.name == "config":
+            raise ConfigError("--unset %s: no such setting" % name)
+        unset.add(opt.env)
+    old = {}
+    if os.path.lexists(path):
+        check_trusted(path, "--config")
+        old = {name: value for name, (value, _) in read_config_file(path).items()}
+    settings, changes = merge_settings(old, given, unset, args.reset)
+    if not changes:
+        print("%s: unchanged" % path)
+        return 0
+    candidate = write_candidate(path, config_text(settings, "synchook configure").encode("utf-8"),
+                                sync=True)
+    try:
+        flags = Flags()
+        flags.config = candidate
+        # The file alone decides, as for the service: not this shell's SYNCHOOK_* variables.
+        try:
+            cfg = resolve_config(flags, environ={}, check_freeze=False)
+        except ConfigError as err:       # named as the setting, not the candidate's line
+            raise ConfigError(re.sub(re.escape(candidate) + r" line \d+: ", "", str(err)))
+        log.start("warning", False)
+        if cmd_check(cfg, run_phases=False):
+            print("%s: not changed: synchook would not start with these settings" % path)
+            return 1
+        os.replace(candidate, path)
+    finally:
+        if os.path.lexists(candidate):
+            os.unlink(candidate)
+    for change in changes:
+        print(change)
+    print("%s: written" % path)
+    tell_daemon_to_restart(cfg.runtime_dir)
+    return 0
+
+
+def tell_daemon_to_restart(runtime_dir):
+    """SIGUSR2 to the synchook serving with runtime_dir (the holder of its lock),
+    if one runs: it restarts in place with the new file once no window is open."""
+    pid = None
+    try:
+        fd = os.open(os.path.join(runtime_dir, LOCK_FILE),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)    # free: nobody serves
+        except OSError:
+            holder, role = lock_holder(fd)
+            pid = holder if role == "serve" and holder and pid_alive(holder) else None
+        finally:
+            os.close(fd)
+    if pid is None:
+        print("no synchook runs with --runtime-dir %s: the settings apply at its next "
+              "start" % runtime_dir)
+        return
+    os.kill(pid, signal.SIGUSR2)
+    print("synchook (pid %d) told to restart in place with these settings; it does so "
+          "once no window is open (synchook status shows it)" % pid)
+
+
 # status: the local daemon's /status, for humans ----------------------------------
 
 def cmd_status(args, cfg):
@@ -6163,6 +6337,8 @@ def prepare_runtime_dir(path):
 
 def access_rule(cfg):
     """Who may run the hooks, in words, for the start line."""
+    if is_closed(cfg):
+        return "no one (--allow none)"
     who = ("clients in " + ",".join(str(network) for network in cfg.allow)
            if cfg.allow else "anyone")
     return "%s%s" % (who, " with the secret" if cfg.secret else ", no secret")
@@ -6298,7 +6474,9 @@ def cmd_serve(cfg):
                     "for the sync phase and its freeze (keep it at 55 s or less, or raise "
                     "syncHookTimeout in xo-server's config too)", seconds(cfg.timeout),
                     seconds(XO_TIMEOUT))
-    if not cfg.secret and not cfg.allow:
+    if is_closed(cfg):
+        log.warning("--allow none: every client is refused, XO included; %s", CLOSED_HINT)
+    elif not cfg.secret and not cfg.allow:
         log.warning("anyone who can reach port %d can run the hooks: set --allow to XO's "
                     "address (and a secret, --secret-file)", port)
     if hasattr(gc, "freeze"):
@@ -6309,13 +6487,17 @@ def cmd_serve(cfg):
     log.serving()
     notify_systemd("READY=1\nSTATUS=listening on port %d" % port)
     served = server.serve()
-    notify_systemd("STOPPING=1")
+    # A restart in place is a reload to systemd (the same pid goes on, and says
+    # READY=1 again once it listens); STOPPING=1 would make systemd wait for an
+    # exit that never comes, then kill it (TimeoutStopSec) and call it failed.
+    notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6)
+                   if waker.restarting else "STOPPING=1")
     released = window.shutdown()
     if released:
         marker.remove()                  # the closed one: nothing is left behind
     if waker.restarting and served:
         server.finish_requests(TERM_GRACE)
-        restart_in_place(server.socket)  # returns only if it failed
+        restart_in_place(server.socket, server.socket_shared)  # returns only if it failed
         return 1
     log.info("stopped" if released else "stopped with the post phase owed")
     return 0 if released and served else 1
@@ -6413,7 +6595,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
     if argv and argv[0] in ("serve", "check", "call", "tag", "status", "thaw", "recover",
-                            "fleet"):
+                            "fleet", "configure"):
         command = argv.pop(0)
     if sys.argv[0] and os.path.isfile(sys.argv[0]):
         PROGRAM[0] = os.path.abspath(sys.argv[0])     # before cwd becomes /
@@ -6423,6 +6605,17 @@ def main(argv=None):
         return cmd_fleet(argv)
     if command == "thaw":
         return cmd_thaw(argv)
+    if command == "configure":
+        try:
+            return cmd_configure(argv)
+        except ConfigError as err:               # a bad setting: nothing written
+            sys.stderr.write("%s configure: error: %s\n" % (PROG, err))
+            return 2
+        except OSError as err:                   # the file could not be written
+            sys.stderr.write("%s configure: error: %s\n" % (PROG, err))
+            return 1
+        finally:
+            log.close()
     if command == "recover":
         try:
             return cmd_recover(argv)

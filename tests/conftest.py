@@ -302,6 +302,29 @@ def run(cmd, **kwargs):
     return subprocess.run(cmd, **kwargs)
 
 
+def build_packages(out, version=None):
+    """packaging/build's .deb and .rpm, written to out: {"deb": path, "rpm": path}
+    (no "rpm" without rpmbuild).  version: built from a copy of the checkout whose
+    synchook.py says that version instead (a release to upgrade from, or to)."""
+    source = ROOT
+    if version is not None:
+        source = os.path.join(str(out), "source")
+        os.makedirs(source)
+        for name in ("synchook.py", "install.sh", "README.md", "LICENSE"):
+            shutil.copy(os.path.join(ROOT, name), source)
+        shutil.copytree(os.path.join(ROOT, "packaging"), os.path.join(source, "packaging"))
+        path = os.path.join(source, "synchook.py")
+        with open(path) as handle:
+            text = handle.read()
+        with open(path, "w") as handle:
+            handle.write(re.sub(r'(?m)^__version__ = ".*"$', '__version__ = "%s"' % version,
+                                text, count=1))
+    result = run(["sh", os.path.join(source, "packaging", "build"), str(out)], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {path.rsplit(".", 1)[1]: path for path in result.stdout.split()
+            if path.endswith((".deb", ".rpm"))}
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

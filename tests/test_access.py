@@ -2,15 +2,19 @@
 
 import base64
 import collections
+import http.client
+import json
+import re
 import resource
 import socket
 import ssl
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import client_context, wait_until
+from conftest import SYNCHOOK, client_context, run, wait_until
 
 
 def bearer(secret):
@@ -51,6 +55,40 @@ def test_allow_list_ipv4(start, rec):
     assert d.get("/status", source="127.0.0.1")[0] == 200
     assert d.get("/sync", source="127.0.0.2") == (200, "Ok")
     assert rec.lines() == ["sync"]
+
+
+def host_address():
+    """A non-loopback IPv4 address of this machine, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))          # no packet is sent
+            address = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_allow_none_refuses_everyone_until_configured(start, rec):
+    """--allow none (a package's closed start): a remote client's connection is
+    closed unanswered, loopback gets /status and a 403 that says how to open it;
+    nothing runs; the start says so too."""
+    d = start("--allow", "none", "--listen", "0.0.0.0", "--sync", rec.cmd("sync"))
+    d.wait_log(r"warning: --allow none: every client is refused, XO included; closed until "
+               r"configured: synchook configure --allow XO_ADDRESS")
+    status, body = d.get("/sync", timeout=5)
+    assert status == 403 and "--allow none, closed until configured" in body, body
+    status, body = d.get("/status")
+    assert status == 200 and json.loads(body)["client_allowed"] is False
+    remote = host_address()
+    if remote is not None:
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            d.get("/sync", host=remote, timeout=5)
+        d.wait_log(r"%s: connection refused: --allow none, closed until configured"
+                   % re.escape(remote))
+    assert rec.lines() == []
+    for bad in ("none,10.0.0.1", "10.0.0.1,none"):
+        result = run([sys.executable, SYNCHOOK, "check", "--parse-only", "--allow", bad])
+        assert result.returncode == 2 and "'none' lets no one in" in result.stderr, result.stderr
 
 
 def ipv6_loopback():

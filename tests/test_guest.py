@@ -10,18 +10,21 @@ waits while `/` is frozen), and what must wait for the thaw waits inside the
 guest.  Outcomes are asserted, never timings; the times are printed (-s).
 """
 
+import http.client
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, http_get
+from conftest import ROOT, build_packages, http_get
 
 sys.path.insert(0, ROOT + "/tests/vm")
 import guest as vm  # noqa: E402
+import synchook  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -93,13 +96,18 @@ def test_unit_has_no_mount_namespace_and_continues_on_oom(guest):
     assert shown["ProtectSystem"] == "no", shown
 
 
-def test_sync_freezes_the_guests_own_root_and_post_sync_thaws_it(guest):
+def a_window_freezes_and_thaws_root(guest):
+    """XO's /sync freezes the guest's `/`, /post-sync thaws it, the post command once."""
     before = posts(guest)
     assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
     assert guest.run(ROOT_STATE, poll=2.0)[1].strip() == "frozen"
     assert http_get(guest.port, "/post-sync", timeout=60) == (200, "Ok")
     assert guest.run(ROOT_STATE)[1].strip() == "thawed"
     assert posts(guest) == before + 1
+
+
+def test_sync_freezes_the_guests_own_root_and_post_sync_thaws_it(guest):
+    a_window_freezes_and_thaws_root(guest)
     # journald waited on the frozen root: the window's lines carry synchook's own time
     code, out = guest.run("journalctl -u synchook -o cat --no-pager | tail -n 40")
     assert re.search(r"\[\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d\] window opened by 10\.0\.2\.2",
@@ -548,3 +556,134 @@ def test_the_readme_quick_start_in_the_guest(guest):
         assert guest.run("systemctl is-active synchook")[1].strip() != "active"
     finally:
         guest.run("umount /data")
+
+
+# After it: the .deb, as an admin's tools install it -----------------------------------
+
+@pytest.fixture(scope="module")
+def debs(guest, tmp_path_factory):
+    """(previous, current): the .deb of an earlier release (this one, ~rc1, which
+    dpkg orders before it) and of this checkout, put in the guest's /root."""
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("no dpkg-deb here: the .deb cannot be built")
+    built = []
+    for name, version in (("previous", synchook.__version__ + "~rc1"), ("current", None)):
+        path = build_packages(tmp_path_factory.mktemp(name), version=version)["deb"]
+        with open(path, "rb") as handle:
+            guest.put("/root/%s.deb" % name, handle.read())
+        built.append("/root/%s.deb" % name)
+    return built
+
+
+def dpkg(guest, args):
+    code, out = guest.run("DEBIAN_FRONTEND=noninteractive dpkg %s 2>&1" % args, timeout=300)
+    assert code == 0, out
+    return out
+
+
+def main_pid(guest):
+    return guest.run("systemctl show -p MainPID --value synchook")[1].strip()
+
+
+def status_version(guest):
+    code, out = guest.run("synchook status --json 2>/dev/null | sed -n "
+                          "'s/.*\"version\": \"\\(.*\\)\".*/\\1/p'")
+    return out.strip()
+
+
+# The synchook processes (the guardian's command line does not name it).
+SYNCHOOKS = "pgrep -c -f '^/usr/bin/python3 -I -S /usr/(local/)?sbin/synchook'"
+
+
+def test_the_deb_takes_over_from_install_sh_upgrades_and_purges(guest, debs):
+    previous, current = debs
+    code, out = guest.run("cd /src && sh install.sh --init systemd --freeze all --allow 10.0.2.2 "
+                          "--post-sync 'echo post >> /run/posts' 2>&1", timeout=300)
+    assert code == 0, out
+    # install.sh's synchook handed over: its service and program gone, its settings kept.
+    out = dpkg(guest, "-i " + previous)
+    assert "taking over from the synchook install.sh installed (/usr/local/sbin/synchook)" in out
+    assert guest.run("ls -d /etc/systemd/system/synchook.service /etc/systemd/system/"
+                     "synchook.socket /usr/local/sbin/synchook /usr/local/lib/synchook "
+                     "2>/dev/null")[1] == ""
+    settings = guest.run("cat /etc/synchook.conf")[1]
+    assert "SYNCHOOK_ALLOW='10.0.2.2'" in settings and "SYNCHOOK_FREEZE='all'" in settings
+    assert guest.run("systemctl is-active synchook.socket synchook")[1].split() == [
+        "active", "active"]
+    assert guest.run("systemctl show -p FragmentPath --value synchook")[1].strip() == \
+        "/lib/systemd/system/synchook.service"
+    assert guest.run(SYNCHOOKS)[1].strip() == "1"
+    a_window_freezes_and_thaws_root(guest)
+    # An upgrade that changed the program: restarted in place (same process).
+    pid = main_pid(guest)
+    out = dpkg(guest, "-i " + current)
+    assert "restarting it in place" in out, out
+    for _ in range(30):
+        if status_version(guest) == synchook.__version__:
+            break
+        time.sleep(1)
+    assert status_version(guest) == synchook.__version__
+    assert main_pid(guest) == pid
+    # systemd took it as a reload: running, not stopping (1.6.0 said STOPPING=1).
+    assert guest.run("sleep 2; systemctl show -p ActiveState -p SubState --value "
+                     "synchook")[1].split() == ["active", "running"]
+    assert "nothing it runs changed: not restarted" in dpkg(guest, "-i " + current)
+    assert main_pid(guest) == pid
+    # install.sh over the package: refused, nothing changed.
+    code, out = guest.run("cd /src && sh install.sh --allow 10.0.2.3 2>&1")
+    assert code == 1 and "installed from a package here (dpkg)" in out, out
+    assert "SYNCHOOK_ALLOW='10.0.2.2'" in guest.run("cat /etc/synchook.conf")[1]
+    # Removed: the service stopped, the settings kept; install.sh then takes them over,
+    # and dpkg's leftover record goes (a later `apt purge` cannot take the config).
+    dpkg(guest, "-r synchook")
+    assert guest.run("systemctl is-active synchook; " + SYNCHOOKS)[1].split() == [
+        "inactive", "0"]
+    assert guest.run("ls /usr/sbin/synchook /etc/synchook.conf 2>&1")[1].split()[-1] == \
+        "/etc/synchook.conf"
+    code, out = guest.run("cd /src && sh install.sh 2>&1", timeout=300)
+    assert code == 0 and "taking the settings over from the removed synchook package" in out, out
+    settings = guest.run("cat /etc/synchook.conf")[1]
+    assert "SYNCHOOK_ALLOW='10.0.2.2'" in settings and "SYNCHOOK_FREEZE='all'" in settings
+    assert guest.run(SYNCHOOKS)[1].strip() == "1"
+    assert "no packages found" in guest.run("dpkg-query -W synchook 2>&1")[1]
+    assert http_get(guest.port, "/status", timeout=30)[0] == 200
+    code, out = guest.run("cd /src && sh install.sh --purge 2>&1")
+    assert code == 0, out
+
+
+def test_a_fresh_deb_is_closed_until_configure_opens_it(guest, debs):
+    _, current = debs
+    code, out = guest.run(
+        "start=$(cut -d' ' -f1 /proc/uptime); DEBIAN_FRONTEND=noninteractive dpkg -i %s "
+        ">/run/dpkg.out 2>&1 || exit 1; until curl -s http://127.0.0.1:1727/status >/dev/null; "
+        "do sleep 0.1; done; echo \"$start $(cut -d' ' -f1 /proc/uptime)\"" % current,
+        timeout=300)
+    assert code == 0, guest.run("cat /run/dpkg.out")[1]
+    start, answered = (float(word) for word in out.split())
+    print("\nguest: dpkg -i to the first answer of /status: %.1f s" % (answered - start))
+    # XO (this host, 10.0.2.2 to the guest) is refused, and the journal says how to open it.
+    with pytest.raises((OSError, http.client.HTTPException)):
+        http_get(guest.port, "/sync", timeout=30)
+    code, out = guest.run("journalctl -u synchook -o cat --no-pager | tail -n 20")
+    assert "10.0.2.2: connection refused: --allow none, closed until configured: synchook " \
+        "configure --allow XO_ADDRESS" in out, out
+    code, out = guest.run("synchook configure --allow 10.0.2.2 --freeze all "
+                          "--post-sync 'echo post >> /run/posts' 2>&1")
+    assert code == 0 and "told to restart in place" in out, out
+    for _ in range(30):
+        try:
+            if http_get(guest.port, "/status", timeout=10)[0] == 200:
+                break
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(1)
+    a_window_freezes_and_thaws_root(guest)
+    # Removed: the settings kept; purged: the settings, the state dir and the runtime
+    # dir gone, as install.sh --purge does.
+    dpkg(guest, "-r synchook")
+    assert "SYNCHOOK_ALLOW='10.0.2.2'" in guest.run("cat /etc/synchook.conf")[1]
+    dpkg(guest, "-P synchook")
+    assert guest.run("ls -d /etc/synchook.conf /var/lib/synchook /run/synchook "
+                     "/usr/lib/synchook /usr/sbin/synchook 2>/dev/null")[1] == ""
+    assert guest.run("systemctl is-active synchook.socket synchook")[1].split() == [
+        "inactive", "inactive"]

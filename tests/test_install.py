@@ -804,7 +804,8 @@ def test_sysv_script_takes_a_zombie_for_not_running(shell, tmp_path):
     assert out.returncode == 0, out.stderr
     pidfile = tmp_path / "synchook.pid"
     script = (root / "etc/init.d/synchook").read_text().replace(
-        "PIDFILE=/run/synchook.pid", "PIDFILE=%s" % pidfile)
+        "PIDFILE=/run/synchook.pid", "PIDFILE=%s" % pidfile).replace(
+        'PROGRAM="/usr/local/sbin/synchook"', 'PROGRAM="%s/usr/local/sbin/synchook"' % root)
     (tmp_path / "init").write_text(script)
     zombie = subprocess.Popen(["true"])
     try:

@@ -29,6 +29,25 @@ def test_notify_socket_gets_ready(start, tmp_path):
         assert sock.recv(4096).decode() == "STOPPING=1"
 
 
+def test_a_restart_in_place_is_a_reload_to_systemd(start, tmp_path):
+    """SIGUSR2 under systemd: RELOADING=1, then READY=1 from the same pid.  1.6.0
+    said STOPPING=1, and systemd, waiting for an exit that never came, killed the
+    restarted synchook after TimeoutStopSec (seen in the real guest)."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(20)
+        d = start("--sync", "true", env={"NOTIFY_SOCKET": path})
+        assert sock.recv(4096).startswith(b"READY=1")
+        d.signal(signal.SIGUSR2)
+        reloading = sock.recv(4096).decode()
+        assert reloading.startswith("RELOADING=1\nMONOTONIC_USEC="), reloading
+        assert sock.recv(4096).startswith(b"READY=1")
+        assert d.proc.poll() is None and http_get(d.port, "/status")[0] == 200
+        d.stop()
+        assert sock.recv(4096).decode() == "STOPPING=1"
+
+
 def test_abstract_notify_socket(start):
     name = "synchook-test-%d" % os.getpid()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -182,4 +182,13 @@ def test_the_socket_passed_stays_listening_after_synchook_stops(start, rec):
     assert waiting.recv(100).startswith(b"HTTP/1.1 200")
     waiting.close()
     assert second.get("/sync") == (200, "Ok")
+    # A restart in place keeps the socket systemd's: the stop after it leaves it
+    # listening too (1.6.0 then took it for its own, and systemd's socket unit
+    # failed: "Got POLLHUP on a listening socket", seen in the real guest).
+    assert second.get("/post-sync") == (200, "Ok")
+    second.signal(signal.SIGUSR2)
+    assert wait_until(lambda: second.log().count(" listening on ") == 2, 20), second.log()
+    second.signal(signal.SIGTERM)
+    assert second.proc.wait(20) == 0
+    assert held.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     held.close()

@@ -235,6 +235,16 @@ class Guest:
             raise GuestError("%r exited %s:\n%s" % (command, code, text))
         return code, text
 
+    def put(self, path, data):
+        """Write data (bytes) to path in the guest, through the guest agent."""
+        handle = self.qga("guest-file-open", {"path": path, "mode": "wb"})
+        try:
+            for start in range(0, len(data), 48 * 1024):
+                chunk = base64.b64encode(data[start:start + 48 * 1024]).decode()
+                self.qga("guest-file-write", {"handle": handle, "buf-b64": chunk})
+        finally:
+            self.qga("guest-file-close", {"handle": handle})
+
     def serial(self):
         try:
             with open(self.serial_log, "rb") as handle:
