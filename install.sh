@@ -487,9 +487,10 @@ get_program() {
 # sh quoting it reads back.  What changed goes to $WORK/changes, the values the
 # service will use for port, address and TLS to $WORK/port, listen, tls, secret.
 merge_settings() {
-    "$HOST_PYTHON" -I -S - "$WORK" "$ROOT$CONFIG_FILE" "$RESET" "$SETTINGS_GIVEN" <<'PY' \
-        || fatal "cannot merge the settings (see above); nothing installed"
-import os, sys
+    merge_status=0
+    "$HOST_PYTHON" -I -S - "$WORK" "$ROOT$CONFIG_FILE" "$RESET" "$SETTINGS_GIVEN" \
+        2>"$WORK/merge.err" <<'PY' || merge_status=$?
+import os, re, sys
 work, existing, reset, given_any = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 sys.path.insert(0, work)
 import synchook
@@ -505,6 +506,16 @@ unset = {o.env for o in synchook.OPTIONS if os.environ.get("UNSET_" + o.env) == 
 final, changes = synchook.merge_settings(old, given, unset, reset)
 with open(os.path.join(work, "synchook.conf"), "w") as out:
     out.write(synchook.config_text(final, "install.sh"))
+# The new program judges the new settings, as the service will read them (the
+# file alone), before anything is written: exit 3, one line, for a bad one.
+flags = synchook.Flags()
+flags.config = os.path.join(work, "synchook.conf")
+try:
+    synchook.resolve_config(flags, environ={}, check_files=False, check_freeze=False)
+except synchook.ConfigError as err:
+    sys.stderr.write("synchook: error: %s\n" % re.sub(re.escape(flags.config) + r" line \d+: ",
+                                                       "", str(err)))
+    sys.exit(3)
 with open(os.path.join(work, "changes"), "w") as out:
     out.write("".join(line + "\n" for line in changes))
 with open(os.path.join(work, "shown"), "w") as out:       # for the summary: no secret
@@ -531,11 +542,11 @@ except ValueError:
 with open(os.path.join(work, "listen_stream"), "w") as out:
     out.write(stream)
 PY
-    # The new program judges the new settings before anything is written.
-    if ! merge_check=$("$HOST_PYTHON" -I -S "$WORK/synchook.py" check --parse-only \
-            --config "$WORK/synchook.conf" 2>&1); then
-        usage_error "the settings are not valid, nothing installed: $(printf '%s' "$merge_check" \
-            | tail -n 1 | sed "s|$WORK/synchook.conf line [0-9]*: ||")"
+    if [ "$merge_status" = 3 ]; then
+        usage_error "the settings are not valid, nothing installed: $(tail -n 1 "$WORK/merge.err")"
+    elif [ "$merge_status" != 0 ]; then
+        cat "$WORK/merge.err" >&2
+        fatal "cannot merge the settings (see above); nothing installed"
     fi
     # synchook itself takes port 0 (a free one, for tests); a service needs a fixed one.
     [ "$(effective port)" != 0 ] || usage_error "the settings are not valid, nothing installed: --port 0: a service needs a fixed port (XO's bare tag calls 1727)"

@@ -14,8 +14,10 @@ failed sync step never costs the freeze: XO snapshots whatever /sync answers.
 One file, Python 3.6 or newer, standard library only.  Run ``synchook.py
 --help``; the README has the whole story.
 
-The file reads top to bottom in the order a request travels; its banner
-sections are:
+The file reads top to bottom from the ground up: what everything uses
+(constants, logging, configuration), what a window runs, the window, then
+HTTP and the server, the admin's tools, and main last (a function may call
+one defined further down).  Its banner sections:
 
   Constants             limits and names, one comment each
   Logging               a bounded queue and one writer thread: never blocks a thaw,
@@ -1681,7 +1683,7 @@ def end_process_group(proc, label):
     except subprocess.TimeoutExpired:
         # Stuck in the kernel (a write to a frozen filesystem?): leave it, the
         # request must not wait for it.  The next spawn reaps it.
-        ABANDONED.append(proc)
+        PROCESS.abandoned.append(proc)
         log.error("%s: process %d did not exit after SIGKILL; leaving it", label, proc.pid)
 
 
@@ -1755,12 +1757,21 @@ class Child:
 # close-on-exec (PEP 446), and those it inherited are made so at start
 # (prepare_for_commands).  Python 3.6/3.7, a libc without setsid for
 # posix_spawn, or no /proc to find inherited descriptors: subprocess.Popen.
-USE_POSIX_SPAWN = [hasattr(os, "posix_spawn")]
-ABANDONED = []                     # children that outlived SIGKILL: reaped later
-COMMAND_OOM_SCORE = []             # the oom_score_adj commands get, if the daemon lowered its own
-PROGRAM = [os.path.abspath(__file__)]   # what the guardian runs (main() sets it from argv)
-DEV_NULL = []                      # /dev/null, the commands' stdin, once it could be opened
-COMMAND_CORE_LIMIT = []            # RLIMIT_CORE commands get, if the daemon changed its own
+class Process:
+    """What this process learns once and its commands are started with: set
+    at start (main, lower_oom_score, forbid_core_dumps) or at the first need,
+    read each time a command starts.  One object, PROCESS."""
+
+    def __init__(self):
+        self.program = os.path.abspath(__file__)  # what the guardian runs (main: from argv)
+        self.use_posix_spawn = hasattr(os, "posix_spawn")
+        self.dev_null = None              # /dev/null, the commands' stdin, once it could be opened
+        self.command_oom_score = None     # the oom_score_adj commands get, if synchook lowered its own
+        self.command_core_limit = None    # RLIMIT_CORE commands get, if synchook changed its own
+        self.abandoned = []               # children that outlived SIGKILL: reaped later
+
+
+PROCESS = Process()
 
 
 def give_core_limit(pid):
@@ -1768,19 +1779,19 @@ def give_core_limit(pid):
     as soon as it is started (posix_spawn cannot set a limit: a command that
     crashed in its first few microseconds would dump no core)."""
     try:
-        resource.prlimit(pid, resource.RLIMIT_CORE, COMMAND_CORE_LIMIT[0])
+        resource.prlimit(pid, resource.RLIMIT_CORE, PROCESS.command_core_limit)
     except OSError:
         pass                             # gone already
 
 
 def dev_null():
     """/dev/null, opened once for all commands (CannotStart while it cannot be)."""
-    if not DEV_NULL:
+    if PROCESS.dev_null is None:
         try:
-            DEV_NULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            PROCESS.dev_null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise CannotStart("cannot open %s: %s" % (os.devnull, err.strerror))
-    return DEV_NULL[0]
+    return PROCESS.dev_null
 
 
 def prepare_for_commands():
@@ -1799,7 +1810,7 @@ def prepare_for_commands():
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        USE_POSIX_SPAWN[0] = False
+        PROCESS.use_posix_spawn = False
         return
     for name in names:
         if int(name) > 2:
@@ -1836,7 +1847,7 @@ def start_process(argv, env, stdin, output, stdout=None):
     stdin and stdout+stderr on the given descriptors (stdout on its own if
     given), cwd the daemon's (/)."""
     stdout = output if stdout is None else stdout
-    if USE_POSIX_SPAWN[0]:
+    if PROCESS.use_posix_spawn:
         actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),  # novermin
                    (os.POSIX_SPAWN_DUP2, output, 2)]  # novermin
         try:
@@ -1849,15 +1860,15 @@ def start_process(argv, env, stdin, output, stdout=None):
                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
             return Child(pid, argv)
         except NotImplementedError:          # no POSIX_SPAWN_SETSID in this libc
-            USE_POSIX_SPAWN[0] = False
+            PROCESS.use_posix_spawn = False
     return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=output, env=env,
                             cwd="/", start_new_session=True, close_fds=True)
 
 
 def reap_abandoned():
-    for proc in list(ABANDONED):
+    for proc in list(PROCESS.abandoned):
         if proc.poll() is not None:
-            ABANDONED.remove(proc)
+            PROCESS.abandoned.remove(proc)
 
 
 def spawn(argv, env, hold=False):
@@ -1892,9 +1903,9 @@ def spawn(argv, env, hold=False):
                 raise CannotStart("cannot create a pipe: %s" % err.strerror)
             raise CannotStart("fork: %s" % err.strerror)
         proc.start_ticks = (first, boot_ticks())
-        if COMMAND_OOM_SCORE:
-            set_oom_score(COMMAND_OOM_SCORE[0], proc.pid)
-        if COMMAND_CORE_LIMIT:
+        if PROCESS.command_oom_score is not None:
+            set_oom_score(PROCESS.command_oom_score, proc.pid)
+        if PROCESS.command_core_limit is not None:
             give_core_limit(proc.pid)
         if hold:
             proc.stdin, stdin_end = open(stdin_end, "wb", buffering=0), None
@@ -2786,12 +2797,14 @@ class PostProgress:
 class Opening:
     """The open window: when it opened (wall clock, for /status and the
     marker; monotonic, for its ceiling), for whom, whether its sync phase
-    still runs, and what its /sync answered."""
+    still runs, what its /sync answered, and when the watchdog acts on it
+    (monotonic; None while the sync phase runs)."""
 
     def __init__(self, by, syncing=False):
         self.at, self.mono, self.by = time.time(), time.monotonic(), by
         self.syncing = syncing
         self.answer = None
+        self.deadline = None
 
 
 class SyncWindow:
@@ -2827,7 +2840,6 @@ class SyncWindow:
         self.stopped = False
         self.released_by_watchdog = False
         self.opening = None            # an Opening while the window is open
-        self.deadline = None           # monotonic; set once the sync phase ended
         self.watchdog_stale = False    # a deadline it has not seen yet (see settle)
         self.post = None               # the open window's PostProgress
         self.last = {"sync": None, "post-sync": None}
@@ -2858,9 +2870,9 @@ class SyncWindow:
                     # keeps anyone else from holding the guest frozen for ever.
                     deadline = min(time.monotonic() + self.max_hold,
                                    self.opening.mono + 2 * self.max_hold)
-                    if self.deadline is None or deadline < self.deadline:
+                    if self.opening.deadline is None or deadline < self.opening.deadline:
                         self.watchdog_stale = True   # else it wakes in time anyway
-                    self.deadline = deadline
+                    self.opening.deadline = deadline
                 self._set_ceiling(deadline - time.monotonic())
                 log.info("window already open: sync phase not run again; max-hold restarted")
                 return self.opening.answer
@@ -2877,7 +2889,7 @@ class SyncWindow:
                 # Whatever happened, the window is open: the max-hold clock runs.
                 with self.cond:
                     opening.syncing = False
-                    self.deadline = time.monotonic() + self.max_hold
+                    opening.deadline = time.monotonic() + self.max_hold
                     self.watchdog_stale = True
                 self._set_ceiling(self.max_hold)
             opening.answer = self.sync_answer(steps)
@@ -2935,8 +2947,8 @@ class SyncWindow:
                      "last_sync": result(self.last["sync"]),
                      "last_post_sync": result(self.last["post-sync"])}
             left = None
-            if self.is_open and self.deadline is not None:
-                left = round(max(0.0, self.deadline - time.monotonic()), 1)
+            if opening is not None and opening.deadline is not None:
+                left = round(max(0.0, opening.deadline - time.monotonic()), 1)
             freezer = self.window_phases.freezer
             if freezer is not None:
                 state["frozen"] = freezer.status()
@@ -2961,7 +2973,6 @@ class SyncWindow:
             self.cancel.clear()
             self.released_by_watchdog = False
             self.opening = opening
-            self.deadline = None
             self.window_phases = self.phases
             self.post = PostProgress(plan)
         # No file is written from here to the window's close: a sync step may
@@ -3003,7 +3014,7 @@ class SyncWindow:
             with self.cond:
                 post.tries += 1
                 post.owed = reason
-                self.deadline = time.monotonic() + wait
+                self.opening.deadline = time.monotonic() + wait
                 self.cond.notify_all()
             self.marker.add({"post_done": post.done})
             self._set_ceiling(wait + len(rest) * self.window_phases.timeout)
@@ -3014,7 +3025,6 @@ class SyncWindow:
             return 500, "post phase not done: %s (retried in %s s)" % (reason, seconds(wait))
         steps = post.results
         with self.cond:
-            self.deadline = None
             self.opening = None
             self.post = None
             self.window_phases = self.phases     # a recovery's steps end with its window
@@ -3060,8 +3070,9 @@ class SyncWindow:
                 while True:
                     if self.stopped:
                         return
-                    if self.is_open and self.deadline is not None:
-                        left = self.deadline - time.monotonic()
+                    opening = self.opening
+                    if opening is not None and opening.deadline is not None:
+                        left = opening.deadline - time.monotonic()
                         if left <= 0:
                             break
                         self.cond.wait(left)
@@ -3071,8 +3082,9 @@ class SyncWindow:
                         self.cond.wait()
             self.turns.take()
             try:
-                expired = (self.is_open and not self.stopped and self.deadline is not None
-                           and time.monotonic() >= self.deadline)
+                opening = self.opening
+                expired = (opening is not None and not self.stopped and
+                           opening.deadline is not None and time.monotonic() >= opening.deadline)
                 if expired and self.owed is not None:
                     log.info("post phase: try %d", self.post.tries + 1)
                     self._close("retry", "retry")
@@ -3090,7 +3102,7 @@ class SyncWindow:
         for `patience` seconds at most; True once the window is closed."""
         give_up = time.monotonic() + patience
         while self.is_open and time.monotonic() < give_up:
-            time.sleep(max(0.0, min(self.deadline, give_up) - time.monotonic()))
+            time.sleep(max(0.0, min(self.opening.deadline, give_up) - time.monotonic()))
             self._close(why, why)
         return not self.is_open
 
@@ -3399,7 +3411,9 @@ def parse_marker(lines):
 
 def marker_plan(info):
     """The post phase's steps a marker names, as [(label, argv or None)], or
-    None if it names none (written by synchook 1.2 or older) or is garbled."""
+    None if it names none (written by synchook 1.2 or older) or is garbled.
+    Markers of 1.2 and older are read until 2.0: /run is a tmpfs, so only an
+    upgrade in place from 1.2 during a window meets one (tests/test_window.py)."""
     plan = info.get("post_plan")
     if not isinstance(plan, list):
         return None
@@ -3755,7 +3769,7 @@ class Guardian:
                             ("DEADLINE", self.deadline_path),
                             ("PYTHON", sys.executable),
                             ("FLAGS", " ".join(interpreter_flags())),
-                            ("PROGRAM", PROGRAM[0]), ("RUNTIME_DIR", cfg.runtime_dir),
+                            ("PROGRAM", PROCESS.program), ("RUNTIME_DIR", cfg.runtime_dir),
                             ("LOG_LEVEL", cfg.log_level),
                             ("SYSLOG", "--syslog" if cfg.syslog else "")):
             self.env[GUARDIAN_ENV_PREFIX + name.encode()] = os.fsencode(value)
@@ -3964,7 +3978,7 @@ def lower_oom_score():
     if before is None or before <= DAEMON_OOM_SCORE or os.geteuid() != 0:
         return None
     if set_oom_score(DAEMON_OOM_SCORE):
-        COMMAND_OOM_SCORE[:] = [before]
+        PROCESS.command_oom_score = before
         log.debug("oom_score_adj %d -> %d (commands keep %d)", before, DAEMON_OOM_SCORE, before)
         return None
     return ("cannot lower oom_score_adj below %d here (no CAP_SYS_RESOURCE: a container?): "
@@ -3987,7 +4001,7 @@ def forbid_core_dumps():
         log.alert("cannot turn core dumps off (RLIMIT_CORE): %s: a crash during a window "
                   "could hang writing its core to the frozen filesystem", err)
         return
-    COMMAND_CORE_LIMIT[:] = [(soft, hard)]
+    PROCESS.command_core_limit = (soft, hard)
 
 
 # ---------------------------------------------------------------------------
@@ -4977,7 +4991,7 @@ def restart_in_place(listener, shared):
     kept as descriptor LISTEN_FD: a restart never frees the port, and
     connections wait in its queue.  The program and settings are read anew.
     Returns only if the exec failed."""
-    argv = [sys.executable] + interpreter_flags() + [PROGRAM[0]] + sys.argv[1:]
+    argv = [sys.executable] + interpreter_flags() + [PROCESS.program] + sys.argv[1:]
     if listener.fileno() != LISTEN_FD:
         os.dup2(listener.fileno(), LISTEN_FD)
     os.set_inheritable(LISTEN_FD, True)
@@ -5442,10 +5456,20 @@ class CallFailed(Exception):
         self.how = how
 
 
+# What xo_request got: status (None when no answer came), text (the answer, or
+# why none came), took (seconds), reuse (how long undici would keep the
+# connection after it), failed (None, or how: refused, dropped, slow, closed,
+# tls (no TLS handshake), other).
+Answer = collections.namedtuple("Answer", "status text took reuse failed")
+
+
 def xo_request(conn, path, timeout, headers):
-    """One GET on conn; returns (status or None, text, seconds, how long
-    undici would keep the connection for reuse after this answer)."""
+    """One GET on conn, as XO sends it: an Answer."""
     started = time.monotonic()
+
+    def failed(how, text):
+        return Answer(None, text, time.monotonic() - started, 0.0, how)
+
     try:
         if conn.sock is None:
             connect(conn)
@@ -5453,23 +5477,26 @@ def xo_request(conn, path, timeout, headers):
         response = conn.getresponse()
         text = response.read(4096).decode("utf-8", "replace").strip()
         reuse = 0.0 if response.will_close else undici_reuse(response.getheader("Keep-Alive"))
-        return response.status, text, time.monotonic() - started, reuse
+        return Answer(response.status, text, time.monotonic() - started, reuse, None)
     except CallFailed as err:
-        return None, "%s: %s" % (err.how, err), time.monotonic() - started, 0.0
+        return failed(err.how, "%s: %s" % (err.how, err))
     except socket.timeout:
         conn.close()
-        return None, ("slow: connected, but no answer within %s s (a sync command still "
-                      "running? synchook status on the guest shows it)" % seconds(timeout)), (
-                          time.monotonic() - started), 0.0
+        return failed("slow", "slow: connected, but no answer within %s s (a sync command "
+                      "still running? synchook status on the guest shows it)" % seconds(timeout))
     except (OSError, http.client.HTTPException) as err:
         conn.close()
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        tls = ssl is not None and isinstance(err, ssl.SSLError)
+        how = "other"
         if isinstance(err, (http.client.RemoteDisconnected, ConnectionResetError)) or (
-                ssl is not None and isinstance(err, ssl.SSLError) and "EOF" in str(err)):
+                tls and "EOF" in str(err)):
+            how = "closed"
             reason = ("closed: the guest closed the connection without an answer (%s): is "
                       "this machine's address in its --allow?" % reason)
-        return None, "cannot reach %s:%d: %s" % (conn.host, conn.port, reason), (
-            time.monotonic() - started), 0.0
+        # A handshake that failed: a plain-HTTP synchook, or one that let us not in.
+        return failed("tls" if tls else how,
+                      "cannot reach %s:%d: %s" % (conn.host, conn.port, reason))
 
 
 # How XO's HTTP client (undici 6, which @xen-orchestra/xapi 8.10 installs) keeps an
@@ -5545,7 +5572,8 @@ def cmd_call(argv):
     conn = client_connection(scheme, host, port, timeout)
     try:
         for phase in ("sync", "post-sync"):
-            status, text, took, reuse = xo_request(conn, "/" + phase + suffix, timeout, headers)
+            status, text, took, reuse, _ = xo_request(conn, "/" + phase + suffix, timeout,
+                                                      headers)
             shown = "%d %s" % (status, text) if status is not None else "failed: " + text
             out.line("%-9s %s (%.3f s)" % (phase, shown, took))
             ok = ok and status is not None and 200 <= status < 300
@@ -5705,15 +5733,14 @@ def check_target(name, url, why, timeout):
     scheme, host, port, query = parse_target(url)
     conn = client_connection(scheme, host, port, timeout)
     try:
-        status, text, _, _ = xo_request(conn, "/status" + ("?" + query if query else ""),
-                                        timeout, dict(XO_HEADERS))
+        status, text, _, _, failed = xo_request(conn, "/status" + ("?" + query if query else ""),
+                                                timeout, dict(XO_HEADERS))
     finally:
         conn.close()
     row["tls"] = "yes" if scheme == "https" else "no"
-    if status is None:                     # "refused: ...", "cannot reach H:P: closed: ..."
-        how = text.split(": ", 2)[1] if text.startswith("cannot reach ") else text
-        row["reach"], row["problem"] = how.split(":", 1)[0], text
-        if scheme == "https" and "SSL" in text:
+    if status is None:
+        row["reach"], row["problem"] = failed, text
+        if failed == "tls":
             row["reach"], row["tls"] = "closed", "failed"
             row["problem"] = ("no TLS handshake: the guest runs --tls off (XO's bare tag "
                               "speaks HTTPS), or this host is not in its --allow")
@@ -6093,7 +6120,7 @@ def cmd_status(args, cfg):
     path = "/status" + ("?token=" + urllib.parse.quote(cfg.secret, safe="") if cfg.secret
                         else "")
     conn = client_connection(scheme, host, cfg.port, 10)
-    status, text, _, _ = xo_request(conn, path, 10, {})
+    status, text = xo_request(conn, path, 10, {})[:2]
     conn.close()
     if args.json and status == 200:
         print(text)
@@ -6598,7 +6625,7 @@ def main(argv=None):
                             "fleet", "configure"):
         command = argv.pop(0)
     if sys.argv[0] and os.path.isfile(sys.argv[0]):
-        PROGRAM[0] = os.path.abspath(sys.argv[0])     # before cwd becomes /
+        PROCESS.program = os.path.abspath(sys.argv[0])     # before cwd becomes /
     if command == "call":
         return cmd_call(argv)
     if command == "fleet":

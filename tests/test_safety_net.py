@@ -160,10 +160,13 @@ def test_stopped_daemon_is_killed_and_released_after_max_hold(start, loops, rec,
     """Stopped (SIGSTOP, or ^Z's SIGTSTP) with a window open, synchook cannot
     run its watchdog: the guardian's timer, told the window's deadline, kills
     it at the window's ceiling (--max-hold, plus a grace), and the guardian
-    releases the window."""
+    releases the window.  synchook runs in a process group of its own, as a
+    shell's job does: the kernel drops a SIGTSTP sent to an orphaned process
+    group, which the test's own group can be (a CI started in the background
+    by a shell that has exited), and synchook would then simply go on."""
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"),
-              "--max-hold", "2", "--tls", "off")
+              "--max-hold", "2", "--tls", "off", preexec_fn=os.setpgrp)
     assert d.get("/sync") == (200, "Ok")
     began = time.monotonic()
     d.signal(stop)

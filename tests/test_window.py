@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -238,6 +239,30 @@ def test_marker_with_a_torn_last_line_is_recovered(start, rec, tmp_path):
     assert rec.lines() == ["post"]                    # the marker's post phase, not today's
     d.wait_log(r"window opened 20\d\d-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d by 192\.0\.2\.7, process 1")
     assert not window_open(runtime)
+
+
+def test_a_marker_of_synchook_1_2_is_still_recovered(start, rec, tmp_path):
+    """The decision on old markers: those of 1.2 and older (paths only, no post
+    plan, no filesystem identities) are read until 2.0.  The marker lives on
+    /run, a tmpfs: only an upgrade in place from 1.2 while a window was open
+    meets one, and it must still be closed: its paths thawed, the post phase of
+    today's settings run once."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    with open("/proc/sys/kernel/random/boot_id") as handle:
+        boot = handle.read().strip()
+    gone = str(tmp_path / "unmounted-since")
+    (runtime / "window.json").write_text(json.dumps({
+        "pid": 1, "opened_at": 1764500000.5, "client": "192.0.2.7", "boot_id": boot,
+        "groups": [], "frozen": [gone]}) + "\n")
+    os.chmod(str(runtime / "window.json"), 0o600)
+    d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"),
+              "--runtime-dir", str(runtime))
+    assert rec.lines() == ["post"]
+    d.wait_log(r"recovery: %s: cannot open" % re.escape(gone))
+    assert not window_open(runtime)
+    assert d.get("/sync") == (200, "Ok") and d.get("/post-sync") == (200, "Ok")
+    assert rec.lines() == ["post", "sync", "post"]
 
 
 def test_marker_lines_override_the_ones_before():
