@@ -888,11 +888,31 @@ def parse_hook_words(text):
     return words
 
 
+HOST_NAME = re.compile(r"(?i)^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                       r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?$")
+
+
 def parse_listen(text):
+    """An address (IPv6 in brackets or not, with a zone or not) or a host name;
+    '' means all addresses."""
     text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
+    bracketed = text.startswith("[") and text.endswith("]")
+    if bracketed:
         text = text[1:-1]
-    return text                      # '' means all addresses
+    if not text and not bracketed:
+        return text
+    address, percent, zone = text.partition("%")     # fe80::1%eth0: a zone, IPv6 only
+    try:
+        version = ipaddress.ip_address(address).version
+    except ValueError:
+        version = None
+    if bracketed and version != 6:
+        raise ConfigError("brackets hold an IPv6 address only")
+    if version is not None and (not percent or (version == 6 and re.match(r"^[\w.-]+$", zone))):
+        return text
+    if ":" in text or "%" in text or not HOST_NAME.match(text):
+        raise ConfigError("not an IP address or a host name")
+    return text
 
 
 def parse_text(text):

@@ -123,3 +123,17 @@ def test_freeze_needs_root_said_first(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == "synchook: error: --freeze needs root (FIFREEZE and FITHAW " \
         "need CAP_SYS_ADMIN): run synchook as root, or leave --freeze out", out.stderr
+
+
+@pytest.mark.parametrize("listen, ok", [
+    ("", True), ("::", True), ("0.0.0.0", True), ("[::1]", True), ("fe80::1%eth0", True),
+    ("[fe80::1%eth0]", True), ("xo-guest.lan", True), ("localhost", True),
+    ("[::1", False), ("::1]", False), ("[127.0.0.1]", False), ("a b", False),
+    ("bad_host", False), ("10.0.0.1%eth0", False), ("[]", False)])
+def test_listen_takes_an_address_or_a_host_name(listen, ok):
+    """A malformed --listen ('[::1', taken for a host name before 1.7) is refused with
+    the settings, exit 2, rather than at bind time."""
+    result = run([sys.executable, SYNCHOOK, "check", "--parse-only", "--listen", listen])
+    assert (result.returncode == 0) == ok, result.stderr
+    if not ok:
+        assert result.returncode == 2 and "--listen" in result.stderr, result.stderr
