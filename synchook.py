@@ -3663,6 +3663,14 @@ def lock_holder(fd):
         return None, None
 
 
+def serving_pid(fd):
+    """The pid of another, live synchook serving with this lock file, or None."""
+    pid, holder = lock_holder(fd)
+    if holder == "serve" and pid is not None and pid != os.getpid() and pid_alive(pid):
+        return pid
+    return None
+
+
 def pid_alive(pid):
     info = proc_stat(pid)
     return info is not None and info[0] != "Z"
@@ -3686,8 +3694,7 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
                 os.close(fd)
                 raise ConfigError("--runtime-dir %s: cannot lock %s: %s"
                                   % (runtime_dir, LOCK_FILE, err.strerror))
-        pid, holder = lock_holder(fd)
-        if holder == "serve" and pid is not None and pid != os.getpid() and pid_alive(pid):
+        if serving_pid(fd) is not None:
             os.close(fd)
             return None
         if time.monotonic() >= deadline or (stop is not None and stop()):
@@ -3695,6 +3702,7 @@ def lock_runtime_dir(runtime_dir, role, wait, stop=None):
             return None
         if not told:
             told = True
+            pid, holder = lock_holder(fd)
             log.warning("waiting for process %s (%s) to finish with --runtime-dir %s",
                         pid, holder or "?", runtime_dir)
         time.sleep(0.05)
@@ -6114,8 +6122,7 @@ def tell_daemon_to_restart(runtime_dir):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)    # free: nobody serves
         except OSError:
-            holder, role = lock_holder(fd)
-            pid = holder if role == "serve" and holder and pid_alive(holder) else None
+            pid = serving_pid(fd)
         finally:
             os.close(fd)
     if pid is None:
