@@ -300,12 +300,13 @@ find_python() {
     HOST_PYTHON=""
     for find_py in python3 python3.13 python3.12 python3.11 python3.10 python3.9 \
                    python3.8 python3.7 python3.6 /usr/libexec/platform-python; do
-        if have "$find_py" && python_ok "$find_py"; then
-            # The real binary, not a wrapper such as a pyenv shim.
-            HOST_PYTHON=$("$find_py" -c 'import sys; print(sys.executable)') \
-                && [ -n "$HOST_PYTHON" ] && break
-            HOST_PYTHON=""
+        # 3.6 or newer, and the real binary, not a wrapper such as a pyenv shim (one
+        # run: a shim costs a tenth of a second).
+        if have "$find_py" && HOST_PYTHON=$("$find_py" -c 'import sys
+if sys.version_info >= (3, 6): print(sys.executable)' 2>/dev/null) && [ -n "$HOST_PYTHON" ]; then
+            break
         fi
+        HOST_PYTHON=""
     done
     # The distribution's interpreter over one in a home directory (pyenv), which PATH
     # may name first: a service must not depend on a user's files.
@@ -1101,7 +1102,7 @@ PY
 }
 
 # After a start: synchook must answer within ANSWER_WAIT seconds, else its own
-# error lines are shown and install.sh fails.
+# error lines are shown and install.sh fails (at once when it has already exited).
 wait_answering() {
     wait_tries=0
     while [ $wait_tries -lt $((ANSWER_WAIT * 2)) ]; do
@@ -1109,10 +1110,20 @@ wait_answering() {
             info "synchook is listening on port $(effective port)"
             return 0
         fi
+        service_exited && return 1
         nap
         wait_tries=$((wait_tries + 1))
     done
     return 1
+}
+
+# Has the synchook a SysV or rc.local start left in PID_FILE exited already?  No use
+# waiting for its answer then.  systemd and OpenRC may start theirs again.
+service_exited() {
+    case $INIT in
+        sysv|rc.local) [ -f "$PID_FILE" ] && ! pid_alive "$(cat "$PID_FILE" 2>/dev/null)" ;;
+        *) return 1 ;;
+    esac
 }
 
 # The new synchook did not answer: say why, put the previous one back if there was

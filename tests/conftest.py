@@ -28,12 +28,45 @@ MARKERS = {
     "slow": "a module of a minute or more: the real guest, the databases, the benches, "
             "XO's code (the fast subset: -m 'not slow')",
     "install": "runs install.sh (many shell and Python forks per test)",
+    "root": "needs root: loop devices, mounts, mount namespaces, other users (skips, "
+            "saying so, without)",
 }
+
+# Set by the fixtures and modules below, beside the marks written on tests.
+ROOT_FIXTURES = {"loops", "private_system", "firewalled"}
+ROOT_MODULES = {"test_consistency", "test_fsfreeze", "test_guest"}
+
+
+def xdist_group(item):
+    """Which tests share one pytest-xdist worker (-n 2 --dist loadgroup), or None:
+    the real guest's module (one VM for all its tests, not one per worker); the
+    tests that freeze loop devices, with those that read what is frozen on the
+    whole machine (`synchook status`, marked xdist_group("freezes")), so that none
+    sees another's freeze; the real installs (each a mount namespace, a service)."""
+    module = item.module.__name__
+    if module == "test_guest":
+        return "guest"
+    if module in ("test_consistency", "test_fsfreeze") or "loops" in item.fixturenames:
+        return "freezes"
+    if item.get_closest_marker("install") or {"private_system", "firewalled"} & set(
+            item.fixturenames):
+        return "install"
+    return None
 
 
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", "%s: %s" % (name, text))
+
+
+@pytest.hookimpl(tryfirst=True)          # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if ROOT_FIXTURES & set(item.fixturenames) or item.module.__name__ in ROOT_MODULES:
+            item.add_marker(pytest.mark.root)
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def interpreters():
@@ -178,8 +211,12 @@ class Daemon:
 
     def kill_all(self):
         """SIGKILL the guardian, then the daemon: as `systemctl kill -s KILL` (a whole
-        service) would, so that only a restart can close the window."""
-        os.kill(self.guardian_pid(), signal.SIGKILL)
+        service) would, so that only a restart can close the window.  The daemon is
+        stopped first: running, it could start a new guardian between the two kills
+        (as it does for a guardian lost), and that one would release the window."""
+        guardian = self.guardian_pid()
+        self.proc.send_signal(signal.SIGSTOP)
+        os.kill(guardian, signal.SIGKILL)
         self.proc.kill()
         self.proc.wait(10)
 
@@ -194,7 +231,10 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.copier.join(2)
+        # The copier ends at the pipe's EOF, at once when synchook was the last
+        # writer; a guardian's leftover child, SIGKILLed with its shell, may hold
+        # the pipe for seconds more, and what it writes then is no test's concern.
+        self.copier.join(0.2)
         self.proc.stdout.close()
         self.log_file.close()
 

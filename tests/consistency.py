@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -134,11 +135,18 @@ class Rig:
         run(["umount", point], check=True)
         self.mounts.remove(point)
 
-    def snapshot_argv(self, snapshot, order):
-        """What VM.snapshot runs: an atomic copy of each disk, in `order`."""
+    def snapshot_argv(self, snapshot, order, between=None):
+        """What VM.snapshot runs: an atomic copy of each disk, in `order`; `between`,
+        an argv, runs before each copy but the first (a checkpoint forced between
+        the disks' snapshots)."""
         os.makedirs(os.path.dirname(self.image(order[0], snapshot)))
-        return [["cp", "--reflink=always", self.image(disk), self.image(disk, snapshot)]
-                for disk in order]
+        argvs = [["cp", "--reflink=always", self.image(disk), self.image(disk, snapshot)]
+                 for disk in order]
+        if between:
+            argvs[1:] = [["sh", "-c", "%s >/dev/null && exec %s" % (
+                " ".join(map(shlex.quote, between)), " ".join(map(shlex.quote, argv)))]
+                for argv in argvs[1:]]
+        return argvs
 
     def check_copy(self, snapshot):
         """A writable copy of a snapshot's disks, fsck'd and mounted below
@@ -350,7 +358,9 @@ class Postgres:
 
     def stop_load(self):
         if self.load is not None:
-            self.load.send_signal(signal.SIGINT)
+            # SIGTERM: runuser passes it on to pgbench (a SIGINT it keeps for itself,
+            # and the wait ran out every time: 30 s per test).
+            self.load.terminate()
             try:
                 self.load.wait(30)
             except subprocess.TimeoutExpired:
@@ -360,6 +370,9 @@ class Postgres:
     readme = ("**PostgreSQL**", {"/var/lib/postgresql,/srv/pg_wal": "freeze_list"})
     # synchook 1.2.0's README recipe: a checkpoint, and no freeze.
     old = ["--sync", "su postgres -c 'psql -qc CHECKPOINT' && sync"]
+
+    def checkpoint_argv(self):
+        return self.client("psql", self.port) + ["-XAtqc", "CHECKPOINT"]
 
     def env(self):
         """What the README's psql finds its server by (on a guest: the defaults)."""
@@ -465,8 +478,11 @@ class MariaDB:
         for point in rig.guest.values():
             shutil.chown(point, "mysql", "mysql")
         self.live = self.cnf("live", rig.guest["data"], rig.guest["redo"])
-        run(["mariadb-install-db", "--defaults-file=" + self.live["cnf"], "--user=mysql",
-             "--skip-test-db", "--auth-root-authentication-method=normal"], check=True)
+        made = run(["mariadb-install-db", "--defaults-file=" + self.live["cnf"], "--user=mysql",
+                    "--skip-test-db", "--auth-root-authentication-method=normal"])
+        if made.returncode:                       # its own words say little: the log says why
+            raise RuntimeError("mariadb-install-db: exit %d; its log: %s" % (
+                made.returncode, open(self.live["log"], errors="replace").read()[-2000:]))
         self.server = self.start(self.live)
         if self.server is None:
             raise RuntimeError("mariadbd did not start: " + open(self.live["log"]).read()[-2000:])
@@ -569,6 +585,11 @@ class MariaDB:
     # synchook 1.2.0's README recipe: the read lock held by --hold, and no freeze.
     old = ["--hold", '{ echo "FLUSH TABLES WITH READ LOCK;"; echo "SELECT \\"locked\\";"; cat; } '
            '| mysql -N --unbuffered', "--sync", "sync"]
+
+    def checkpoint_argv(self):
+        """Every dirty page written to the data disk now (InnoDB has no CHECKPOINT)."""
+        return ["mariadb", "-S", self.live["socket"], "-uroot", "-e",
+                "FLUSH TABLES bank.accounts, bank.log FOR EXPORT; UNLOCK TABLES"]
 
     def env(self):
         """What the README's mysql client finds its server by (on a guest: the default)."""
@@ -757,7 +778,7 @@ def synchook_args(database, mode):
 
 
 def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), baseline=10.0,
-                    batch=5, report=None, keep_base=None):
+                    batch=5, report=None, keep_base=None, checkpoint_between=False):
     """Snapshots of a database under load, in each mode, interleaved round by round
     (all of a round's modes in a shuffled order); every `batch` rounds, the
     snapshots taken are checked (the load runs on; no snapshot is taken meanwhile)
@@ -767,7 +788,8 @@ def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), 
     with the snapshot's stall, gap and hook answers; rates is the database's commits
     per second with no snapshot (`baseline` seconds first) and while snapshots were
     being taken (the checks' time left out), so that the checks weigh neither on
-    the stall nor on the rates."""
+    the stall nor on the rates.  checkpoint_between: the database checkpoints between
+    the two disks' snapshots (the torn pair made certain, for the negative control)."""
     base = keep_base or tempfile.mkdtemp(prefix="synchook-consistency-")
     os.chmod(base, 0o755)
     rig = database = probe = None
@@ -799,7 +821,8 @@ def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), 
                     time.sleep(random.uniform(*settle))
                     number += 1
                     gap = random.uniform(*gaps)
-                    argv = rig.snapshot_argv(number, database.order)
+                    argv = rig.snapshot_argv(number, database.order, database.checkpoint_argv()
+                                             if checkpoint_between else None)
                     probe.take()
                     xo = xo_snapshot(hooks[mode].port if hooks[mode] else None, argv,
                                      [int(gap * 1000)] * (len(argv) - 1))

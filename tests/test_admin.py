@@ -160,6 +160,7 @@ def test_tag_secret_new_writes_a_url_safe_secret_the_daemon_takes(start, tmp_pat
 
 # status ------------------------------------------------------------------------------------
 
+@pytest.mark.xdist_group("freezes")     # status names every frozen filesystem
 def test_status_names_a_failed_freeze_once():
     sys.path.insert(0, os.path.dirname(SYNCHOOK))
     import synchook
@@ -170,6 +171,7 @@ def test_status_names_a_failed_freeze_once():
     assert synchook.step_text(dict(step, ok=True)) == "freeze ok"
 
 
+@pytest.mark.xdist_group("freezes")     # status names every frozen filesystem
 def test_status_reads_the_daemon_even_when_allow_leaves_loopback_out(start, tmp_path):
     args = ["--allow", "192.0.2.99", "--secret-file", secret_file(tmp_path, "S3cret"),
             "--listen", "127.0.0.1"]
@@ -182,6 +184,7 @@ def test_status_reads_the_daemon_even_when_allow_leaves_loopback_out(start, tmp_
     assert json.loads(as_json.stdout)["state"] == "idle"
 
 
+@pytest.mark.xdist_group("freezes")     # status names every frozen filesystem
 def test_status_shows_an_open_window_and_a_stopped_daemon(start):
     d = start("--sync", "true", "--tls", "off")
     d.get("/sync")
@@ -196,54 +199,59 @@ def test_status_shows_an_open_window_and_a_stopped_daemon(start):
 
 # install.sh: the firewall when asked, the tag in the summary -------------------------------
 
-def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(tmp_path):
+@pytest.fixture
+def firewalled(tmp_path):
+    """test_install's private system, with a directory for fake firewall tools
+    (.fake) first on the PATH of .env; purged and closed at teardown."""
     system = PrivateSystem(tmp_path)
-    try:
-        fake = tmp_path / "fakebin"
-        fake.mkdir()
-        calls = tmp_path / "calls"
-        (fake / "firewall-cmd").write_text("#!/bin/sh\necho \"firewall-cmd $*\" >> %s\n"
-                                           "exit 0\n" % calls)
-        os.chmod(str(fake / "firewall-cmd"), 0o755)
-        port = free_port()
-        env = clean_env({"PATH": "%s:%s" % (fake, os.environ["PATH"])})
-        out = system.run(["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen",
-                          "127.0.0.1", "--sync", "true"], env=env)
-        assert out.returncode == 0, out.stderr
-        assert not calls.exists()                            # never unless asked
-        out = system.run(["dash", INSTALL, "--open-firewall"], env=env)
-        assert out.returncode == 0, out.stderr
-        assert calls.read_text().splitlines() == [
-            "firewall-cmd --state", "firewall-cmd --permanent --add-port=%d/tcp" % port,
-            "firewall-cmd --reload"]
-        assert "XO tag:   xo:notify-on-snapshot=https://127.0.0.1:%d/" % port in out.stdout
-        # --allow: the port opened to XO's addresses alone, IPv4 and IPv6
-        calls.unlink()
-        out = system.run(["dash", INSTALL, "--open-firewall", "--allow",
-                          "127.0.0.1,2001:db8::2"], env=env)
-        assert out.returncode == 0, out.stderr
-        rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
-        assert calls.read_text().splitlines() == [
-            # the earlier rule closed first: nothing left open to all
-            "firewall-cmd --permanent --remove-port=%d/tcp" % port, "firewall-cmd --reload",
-            "firewall-cmd --state",
-            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
-            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
-                                                                     port)),
-            "firewall-cmd --reload"]
-        # and --uninstall closes what it opened
-        calls.unlink()
-        out = system.run(["dash", INSTALL, "--uninstall"], env=env)
-        assert out.returncode == 0, out.stderr
-        assert calls.read_text().splitlines() == [
-            "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1",
-                                                                        port)),
-            "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
-                                                                        port)),
-            "firewall-cmd --reload"]
-    finally:
-        system.run(["dash", INSTALL, "--purge"], env=clean_env())
-        system.close()
+    system.fake = tmp_path / "fakebin"
+    system.fake.mkdir()
+    system.env = clean_env({"PATH": "%s:%s" % (system.fake, os.environ["PATH"])})
+    yield system
+    system.run(["dash", INSTALL, "--purge"], env=clean_env())
+    system.close()
+
+
+def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(firewalled, tmp_path):
+    system, fake = firewalled, firewalled.fake
+    calls = tmp_path / "calls"
+    fake_tool(fake, "firewall-cmd", "#!/bin/sh\necho \"firewall-cmd $*\" >>CALLS\n", calls)
+    port = free_port()
+    env = system.env
+    out = system.run(["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen",
+                      "127.0.0.1", "--sync", "true"], env=env)
+    assert out.returncode == 0, out.stderr
+    assert not calls.exists()                            # never unless asked
+    out = system.run(["dash", INSTALL, "--open-firewall"], env=env)
+    assert out.returncode == 0, out.stderr
+    assert calls.read_text().splitlines() == [
+        "firewall-cmd --state", "firewall-cmd --permanent --add-port=%d/tcp" % port,
+        "firewall-cmd --reload"]
+    assert "XO tag:   xo:notify-on-snapshot=https://127.0.0.1:%d/" % port in out.stdout
+    # --allow: the port opened to XO's addresses alone, IPv4 and IPv6
+    calls.unlink()
+    out = system.run(["dash", INSTALL, "--open-firewall", "--allow",
+                      "127.0.0.1,2001:db8::2"], env=env)
+    assert out.returncode == 0, out.stderr
+    rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
+    assert calls.read_text().splitlines() == [
+        # the earlier rule closed first: nothing left open to all
+        "firewall-cmd --permanent --remove-port=%d/tcp" % port, "firewall-cmd --reload",
+        "firewall-cmd --state",
+        "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
+        "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
+                                                                 port)),
+        "firewall-cmd --reload"]
+    # and --uninstall closes what it opened
+    calls.unlink()
+    out = system.run(["dash", INSTALL, "--uninstall"], env=env)
+    assert out.returncode == 0, out.stderr
+    assert calls.read_text().splitlines() == [
+        "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1",
+                                                                    port)),
+        "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv6", "2001:db8::2",
+                                                                    port)),
+        "firewall-cmd --reload"]
 
 
 FAKE_NFT = r"""#!/bin/sh
@@ -273,75 +281,63 @@ def fake_tool(directory, name, text, calls, **places):
     os.chmod(str(directory / name), 0o755)
 
 
-def test_open_firewall_again_replaces_its_rules_and_never_doubles_them(tmp_path):
-    system = PrivateSystem(tmp_path)
-    try:
-        fake = tmp_path / "fakebin"
-        fake.mkdir()
-        calls, state = tmp_path / "calls", tmp_path / "rules"
-        fake_tool(fake, "nft", FAKE_NFT, calls, state=state, counter=tmp_path / "counter")
-        env = clean_env({"PATH": "%s:%s" % (fake, os.environ["PATH"])})
-        port = free_port()
-        base = ["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen", "127.0.0.1",
-                "--sync", "true", "--open-firewall"]
-        for _ in range(2):
-            out = system.run(base + ["--allow", "127.0.0.1"], env=env)
-            assert out.returncode == 0, out.stderr
-        rules = state.read_text().splitlines()
-        # XO's address accepted, anyone else refused at once (a reset, not a drop)
-        assert len(rules) == 2 and "ip saddr 127.0.0.1 tcp dport %d accept" % port in rules[0]
-        assert 'tcp dport %d reject with tcp reset comment "synchook"' % port in rules[1]
-        other = free_port()
-        base[base.index("--port") + 1] = str(other)
-        out = system.run(base + ["--allow", "127.0.0.2"], env=env)
+def test_open_firewall_again_replaces_its_rules_and_never_doubles_them(firewalled, tmp_path):
+    system, fake = firewalled, firewalled.fake
+    calls, state = tmp_path / "calls", tmp_path / "rules"
+    fake_tool(fake, "nft", FAKE_NFT, calls, state=state, counter=tmp_path / "counter")
+    env = system.env
+    port = free_port()
+    base = ["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen", "127.0.0.1",
+            "--sync", "true", "--open-firewall"]
+    for _ in range(2):
+        out = system.run(base + ["--allow", "127.0.0.1"], env=env)
         assert out.returncode == 0, out.stderr
-        rules = state.read_text().splitlines()
-        assert len(rules) == 2 and "ip saddr 127.0.0.2 tcp dport %d accept" % other in rules[0]
-        assert "dport %d reject" % other in rules[1]
-        out = system.run(["dash", INSTALL, "--uninstall"], env=env)
-        assert out.returncode == 0 and state.read_text() == "", out.stderr
-    finally:
-        system.run(["dash", INSTALL, "--purge"], env=clean_env())
-        system.close()
+    rules = state.read_text().splitlines()
+    # XO's address accepted, anyone else refused at once (a reset, not a drop)
+    assert len(rules) == 2 and "ip saddr 127.0.0.1 tcp dport %d accept" % port in rules[0]
+    assert 'tcp dport %d reject with tcp reset comment "synchook"' % port in rules[1]
+    other = free_port()
+    base[base.index("--port") + 1] = str(other)
+    out = system.run(base + ["--allow", "127.0.0.2"], env=env)
+    assert out.returncode == 0, out.stderr
+    rules = state.read_text().splitlines()
+    assert len(rules) == 2 and "ip saddr 127.0.0.2 tcp dport %d accept" % other in rules[0]
+    assert "dport %d reject" % other in rules[1]
+    out = system.run(["dash", INSTALL, "--uninstall"], env=env)
+    assert out.returncode == 0 and state.read_text() == "", out.stderr
 
 
-def test_a_firewall_that_fails_rolls_back_and_installs_nothing(tmp_path):
-    system = PrivateSystem(tmp_path)
-    try:
-        fake = tmp_path / "fakebin"
-        fake.mkdir()
-        calls = tmp_path / "calls"
-        fake_tool(fake, "firewall-cmd", "#!/bin/sh\necho \"firewall-cmd $*\" >>CALLS\n"
-                  "case \"$*\" in *2001:db8::bad*) exit 1 ;; esac\n", calls)
-        env = clean_env({"PATH": "%s:%s" % (fake, os.environ["PATH"])})
-        port = free_port()
-        out = system.run(["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen",
-                          "127.0.0.1", "--sync", "true", "--open-firewall"], env=env)
-        assert out.returncode == 0, out.stderr
-        config = open(system.path("/etc/synchook.conf")).read()
-        pid = open(system.path("/run/synchook.pid")).read()
-        calls.unlink()
-        out = system.run(["dash", INSTALL, "--open-firewall", "--sync", "echo new", "--allow",
-                          "127.0.0.1,2001:db8::bad"], env=env)
-        assert out.returncode == 1
-        assert "nothing installed, the firewall as it was" in out.stderr, out.stderr
-        rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
-        assert calls.read_text().splitlines() == [
-            "firewall-cmd --permanent --remove-port=%d/tcp" % port, "firewall-cmd --reload",
-            "firewall-cmd --state",
-            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
-            "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::bad",
-                                                                     port)),
-            # rolled back: this run's rule closed, the earlier one opened again
-            "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1",
-                                                                        port)),
-            "firewall-cmd --permanent --add-port=%d/tcp" % port, "firewall-cmd --reload"]
-        assert open(system.path("/etc/synchook.conf")).read() == config
-        assert open(system.path("/run/synchook.pid")).read() == pid     # never restarted
-        assert "--add-port=%d/tcp" % port in open(system.path("/etc/synchook.firewall")).read()
-    finally:
-        system.run(["dash", INSTALL, "--purge"], env=clean_env())
-        system.close()
+def test_a_firewall_that_fails_rolls_back_and_installs_nothing(firewalled, tmp_path):
+    system, fake = firewalled, firewalled.fake
+    calls = tmp_path / "calls"
+    fake_tool(fake, "firewall-cmd", "#!/bin/sh\necho \"firewall-cmd $*\" >>CALLS\n"
+              "case \"$*\" in *2001:db8::bad*) exit 1 ;; esac\n", calls)
+    env = system.env
+    port = free_port()
+    out = system.run(["dash", INSTALL, "--init", "sysv", "--port", str(port), "--listen",
+                      "127.0.0.1", "--sync", "true", "--open-firewall"], env=env)
+    assert out.returncode == 0, out.stderr
+    config = open(system.path("/etc/synchook.conf")).read()
+    pid = open(system.path("/run/synchook.pid")).read()
+    calls.unlink()
+    out = system.run(["dash", INSTALL, "--open-firewall", "--sync", "echo new", "--allow",
+                      "127.0.0.1,2001:db8::bad"], env=env)
+    assert out.returncode == 1
+    assert "nothing installed, the firewall as it was" in out.stderr, out.stderr
+    rule = "rule family=%s source address=%s port port=%d protocol=tcp accept"
+    assert calls.read_text().splitlines() == [
+        "firewall-cmd --permanent --remove-port=%d/tcp" % port, "firewall-cmd --reload",
+        "firewall-cmd --state",
+        "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1", port)),
+        "firewall-cmd --permanent --add-rich-rule=%s" % (rule % ("ipv6", "2001:db8::bad",
+                                                                 port)),
+        # rolled back: this run's rule closed, the earlier one opened again
+        "firewall-cmd --permanent --remove-rich-rule=%s" % (rule % ("ipv4", "127.0.0.1",
+                                                                    port)),
+        "firewall-cmd --permanent --add-port=%d/tcp" % port, "firewall-cmd --reload"]
+    assert open(system.path("/etc/synchook.conf")).read() == config
+    assert open(system.path("/run/synchook.pid")).read() == pid     # never restarted
+    assert "--add-port=%d/tcp" % port in open(system.path("/etc/synchook.firewall")).read()
 
 
 def test_firewall_commands_in_readme_name_the_port():

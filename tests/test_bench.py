@@ -1,4 +1,4 @@
-"""bench/run works end to end (tiny counts; no timing is asserted)."""
+"""bench/run works end to end (tiny counts and outputs, 15 s; no timing is asserted)."""
 
 import pytest
 import os
@@ -14,7 +14,7 @@ def test_bench_runs_and_prints_table_and_targets():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run"), "--idle", "1",
                           "--requests", "20", "--leak-requests", "40", "--crowd", "30",
                           "--concurrent-rounds", "1", "--output-rounds", "1",
-                          "--first-starts", "2", "--freeze-rounds", "2"],
+                          "--first-starts", "2", "--freeze-rounds", "2", "--output-mb", "1,2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          universal_newlines=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -26,7 +26,7 @@ def test_bench_runs_and_prints_table_and_targets():
     for figure in ("start (ms)", "idle memory (kB RSS)", "GET /sync http p50/p99",
                    "GET /sync https p50/p99", "release p50/p99", "leak after 40 req",
                    "crowd: /sync p50/p99", "100 at once", "200 at once",
-                   "output  10 MB: synchook", "output 100 MB: synchook", "first start"):
+                   "output   1 MB: synchook", "output   2 MB: webhook", "first start"):
         assert any(l.startswith(figure) for l in lines), figure
     assert "targets (issue 22), as this run measured them:" in lines
     assert any(l.strip().startswith("first start p95 <= 100 ms") for l in lines)

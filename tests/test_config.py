@@ -115,6 +115,7 @@ def test_serve_word_is_optional(start, rec):
     assert synchook("serve", "--port", "99999").returncode == 2
 
 
+@pytest.mark.root
 def test_freeze_needs_root_said_first(tmp_path):
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv (util-linux) to run synchook as another user")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import run, SYNCHOOK
+from conftest import SYNCHOOK
 
 
 def test_sync_runs_command_before_answering(start, rec, tmp_path):
@@ -61,11 +61,12 @@ def test_timeout_with_grandchild_holding_pipe(start, tmp_path):
 
 def test_background_grandchild_does_not_hold_request(start, tmp_path):
     # exit 0 at once, but leave a child with our stdout for 600 s
-    d = start("--sync", "sleep 600 & echo started", "--post-sync", "true")
+    pidfile = tmp_path / "grandchild.pid"
+    d = start("--sync", "sleep 600 & echo $! > %s" % pidfile, "--post-sync", "true")
     began = time.monotonic()
     assert d.get("/sync") == (200, "Ok")
     assert time.monotonic() - began < 5
-    run(["pkill", "-f", "sleep 600"])
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)   # this test's alone (never pkill -f)
 
 
 def test_output_goes_to_log_not_client(start):

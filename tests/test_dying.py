@@ -398,6 +398,7 @@ def test_freeze_under_must_exist_without_symlinks(tmp_path):
                                           str(tmp_path / "real"))
 
 
+@pytest.mark.root
 def test_a_named_mount_that_cannot_freeze_is_refused(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root (mount)")
@@ -452,6 +453,7 @@ def test_cancelled_sync_with_orphaned_zombies_answers_post_sync_in_1_s(start, re
 
 # 7. The OOM killer and inherited signals ----------------------------------------------
 
+@pytest.mark.root
 def test_oom_scores_daemon_guardian_and_commands(start, rec, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root (lowering oom_score_adj)")

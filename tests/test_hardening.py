@@ -11,7 +11,9 @@ import pytest
 
 from conftest import SYNCHOOK, client_context, run
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (file ownership checks)")
+def ROOT_ONLY(test):
+    return pytest.mark.root(pytest.mark.skipif(os.geteuid() != 0, reason="needs root (file "
+                                                                         "ownership checks)")(test))
 OTHER_UID = 1001
 
 

@@ -48,6 +48,7 @@ def test_a_restart_in_place_is_a_reload_to_systemd(start, tmp_path):
         assert sock.recv(4096).decode() == "STOPPING=1"
 
 
+@pytest.mark.root
 def test_abstract_notify_socket(start):
     name = "synchook-test-%d" % os.getpid()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -133,6 +134,7 @@ def wait_for_drops(port, timeout=10):
         time.sleep(0.1)
 
 
+@pytest.mark.root
 def test_syslog_messages_arrive_with_priority(tmp_path):
     with daemon_in_namespace(tmp_path, True, "exit 3") as (port, receiver, _):
         messages = read_datagrams(receiver, "listening on")
@@ -145,6 +147,7 @@ def test_syslog_messages_arrive_with_priority(tmp_path):
         assert "listening on" in stderr and "command failed" not in stderr, stderr
 
 
+@pytest.mark.root
 def test_syslog_full_socket_drops_and_counts(tmp_path):
     with daemon_in_namespace(tmp_path, True, "seq 1 3000") as (port, receiver, _):
         read_datagrams(receiver, "listening on")
@@ -167,6 +170,7 @@ def test_syslog_full_socket_drops_and_counts(tmp_path):
         assert any("log lines dropped" in m for m in messages), messages[-5:]
 
 
+@pytest.mark.root
 def test_syslog_missing_socket_logs_to_the_fallback_file(tmp_path):
     """Busybox guests often run no syslog daemon: --syslog then writes the file."""
     with daemon_in_namespace(tmp_path, False, "echo from-the-hook") as (port, _, pid):
@@ -187,6 +191,7 @@ def test_syslog_missing_socket_logs_to_the_fallback_file(tmp_path):
         assert json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0
 
 
+@pytest.mark.root
 def test_syslog_start_up_lines_also_on_stderr_until_listening(tmp_path):
     """An init script keeps stderr: a failed start's own error line is there."""
     with daemon_in_namespace(tmp_path, True, "echo later") as (port, receiver, _):
@@ -197,6 +202,7 @@ def test_syslog_start_up_lines_also_on_stderr_until_listening(tmp_path):
         assert "listening on" in stderr and "sync| later" not in stderr, stderr
 
 
+@pytest.mark.root
 def test_syslog_gets_a_bad_setting_too(tmp_path):
     dev, receiver = in_private_dev(tmp_path, True)
     try:

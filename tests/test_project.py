@@ -21,6 +21,7 @@ def test_readme_test_command_is_what_ci_runs():
     commands = [line[4:] for line in match.group(1).splitlines()]
     assert len(commands) == 2 and commands[0].startswith("python3 -m venv .venv")
     assert "pytest" in commands[1] and "-rs" in commands[1]
+    assert "-n 2 --dist loadgroup" in commands[1]          # tests/conftest.py's xdist_group
     for command in commands:
         assert command in ci.splitlines()
 

@@ -68,6 +68,7 @@ def test_sigterm_to_any_thread_releases_within_5_s(start, rec):
     assert rec.lines() == ["sync", "post"] * (count + 1)
 
 
+@pytest.mark.root
 def test_sigterm_to_a_connection_thread_is_not_lost(start, rec):
     """A parked connection thread, the usual victim, while a client is connected."""
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
@@ -90,6 +91,7 @@ def namespace_available():
     return None if probe.returncode == 0 else "unshare -m failed: " + probe.stderr.strip()
 
 
+@pytest.mark.root
 def test_post_that_cannot_start_is_owed_retried_and_run_once(tmp_path, rec):
     """No /dev/null: /post-sync answers 500 naming it, the marker stays, /status
     says so, and once /dev/null is back the retry runs the post command once."""

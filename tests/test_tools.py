@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 
 import pytest
@@ -124,6 +123,7 @@ def test_hooks_dir_order_arguments_and_skipped_names(start, rec, hooks_dir):
                            "hold-end"]
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="permission checks apply when running as root")
 def test_unsafe_hooks_skipped_with_warning(start, rec, hooks_dir):
     directory, line = hooks_dir
@@ -228,7 +228,7 @@ def test_call_bare_address_means_https_1727(start, rec):
             probe.bind(("127.0.0.1", 1727))
         except OSError:
             pytest.skip("port 1727 is busy on this machine")
-    d = start("--port", "1727", "--tls", "on", "--sync", rec.cmd("sync"))
+    start("--port", "1727", "--tls", "on", "--sync", rec.cmd("sync"))
     out = call("127.0.0.1", "--pause", "0.1")
     assert out.returncode == 0, out.stdout
     assert rec.lines() == ["sync"]
