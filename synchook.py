@@ -146,7 +146,6 @@ MARKER_FILE = "window.json"        # inside --runtime-dir: its first line names 
 DEADLINE_FILE = "deadline"         # inside --runtime-dir: the open window's, for the guardian
 SPILL_FILE = "log.held"            # inside --runtime-dir: log lines held while a window is open
 SPILL_MAX = 1 << 20                # bytes of held lines kept there; more are counted as dropped
-ENV_CACHE = 16                     # commands' environments kept (Phases.env)
 MARKER_SPACE = 65536               # bytes the marker keeps allocated (see Marker)
 THAW_TRIES = 5                     # a recovery's lookups of a mount whose path moves under it
 GUARDIAN_GRACE = 5.0               # past a window's deadline, the guardian kills a daemon
@@ -227,19 +226,12 @@ class Log:
         self.wake = threading.Semaphore(0)
         self.sleeping = False
         self.closing = False
-        self.dropped = 0
-        self.reported_dropped = 0
-        self.failures = 0
+        self.lost = LogLosses()
         self.noise_filter = NoiseFilter()
-        self.sink = StderrSink()
-        self.echo = None               # a second sink for the start-up lines
-        self.echo_until = float("inf")
+        self.out = LogOutputs()
         self.thread = None
-        self.sink_file = False         # the sink writes to a file: hold() applies
-        self.echo_file = False         # so does the start-up echo, until serving()
         self.held = False              # no file is written (lines wait, or are spilled)
         self.stamping = False          # lines carry their own time (see hold)
-        self.spill = None              # a SpillFile in the runtime dir, once attached
         self.resume = threading.Event()     # set whenever not held
         self.resume.set()
         self.writing = threading.Lock()     # held by the writer during a file write
@@ -251,17 +243,14 @@ class Log:
         syslog socket exists they go to SYSLOG_FALLBACK instead.  held: write
         no file until release() (start-up, until recovery has thawed)."""
         self.level = LEVELS[level]
-        if syslog:
-            self.sink = syslog_or_file()
-            self.echo = StderrSink()
-        self.sink_file = self.sink.is_file()
-        self.echo_file = self.echo is not None and self.echo.is_file()
+        self.out.start(syslog)
         if held:
             self.hold()
         self.thread = threading.Thread(target=self._write_loop, name="log", daemon=True)
         self.thread.start()
-        if isinstance(self.sink, FileSink):
-            self.warning("no syslog socket at %s: logging to %s", SYSLOG_SOCKET, self.sink.path)
+        if isinstance(self.out.sink, FileSink):
+            self.warning("no syslog socket at %s: logging to %s", SYSLOG_SOCKET,
+                         self.out.sink.path)
 
     def attach_spill(self, runtime_dir):
         """Held lines go to a file in the runtime dir from now on (the caller
@@ -272,7 +261,7 @@ class Log:
             spill.write(file_line(30, time.time(), "(the lines above were held by a "
                                   "synchook that ended before it could write them)"))
         with self.writing:
-            self.spill = spill
+            self.out.spill = spill
         self._wake_writer_now()
 
     def hold(self):
@@ -280,7 +269,7 @@ class Log:
         under way is waited for (1 s at most), so that none is left to meet a
         freeze that follows."""
         self.stamping = True
-        if not (self.sink_file or (self.echo_file and self.echo_until == float("inf"))):
+        if not self.out.writes_files():
             return
         self.held = True
         self.resume.clear()
@@ -296,7 +285,7 @@ class Log:
 
     def serving(self):
         """Start-up is over: from now on, lines go to the sink alone."""
-        self.echo_until = time.time()
+        self.out.echo_until = time.time()
 
     def debug(self, msg, *args):
         self._emit(10, msg, args)
@@ -329,7 +318,7 @@ class Log:
             lines.append((level, msg, args))
         for line in lines:                 # summaries are noise too: the same rule
             if len(self.pending) >= LOG_QUEUE // 2 and self.thread is not None:
-                self.dropped += 1
+                self.lost.dropped += 1
             else:
                 self._emit(*line)
 
@@ -341,20 +330,20 @@ class Log:
             return
         item = (level, time.time(), msg, args, self.stamping)
         if self.thread is None:          # before start(): plain synchronous write
-            self.sink.write([render(item)])
+            self.out.sink.write([render(item)])
             return
         if len(self.pending) >= LOG_QUEUE:
-            self.dropped += 1
+            self.lost.dropped += 1
             return
         self.pending.append(item)
         if self.sleeping and not getattr(self.local, "deferred", False):
             self.sleeping = False
             self.wake.release()
 
-    # A request's lines wake the writer once its answer is sent (or its thread
-    # is about to wait on a command): a writer woken mid-request takes the
-    # interpreter lock from the request at its next system call, and the answer
-    # waits for it.
+    # The one speed trick kept (bench/README.md): a request's lines wake the
+    # writer once its answer is sent, or its thread is about to wait on a
+    # command; a writer woken mid-request takes the interpreter lock from the
+    # request at its next system call, and the answer (a thaw's) waits for it.
     def defer(self):
         """This thread's lines wait for wake_writer(), or end_defer()."""
         self.local.deferred = True
@@ -364,14 +353,14 @@ class Log:
         if self.sleeping and self.pending:
             self._wake_writer_now()
 
+    def end_defer(self):
+        self.local.deferred = False
+        self.wake_writer()
+
     def _wake_writer_now(self):
         if self.sleeping:
             self.sleeping = False
             self.wake.release()
-
-    def end_defer(self):
-        self.local.deferred = False
-        self.wake_writer()
 
     def _write_loop(self):
         # Nothing but close() may end this thread: a log that stops is worse
@@ -380,14 +369,14 @@ class Log:
             try:
                 self._write_once()
             except Exception:              # noqa: BLE001 (counted in /status, carried on)
-                self.failures += 1
+                self.lost.failures += 1
                 time.sleep(LOG_COALESCE)   # a fault that repeats must not spin
 
     def _write_once(self):
         """Write what is pending, or sleep until there is some; returns once
         the log is closing."""
         while True:
-            if self.held and self.spill is None:
+            if self.held and self.out.spill is None:
                 # Lines wait in the buffer (LOG_QUEUE at most; more are counted).
                 # A hold() right after the release() that woke us: wait again.
                 self.resume.wait()
@@ -398,8 +387,7 @@ class Log:
                 if self.held:
                     wrote = self._spill_pending()
                 else:
-                    if self.spill is not None and self.spill.size:
-                        self._replay_spill()
+                    self.out.replay_spill()
                     wrote = self._write_pending()
             if wrote:
                 continue
@@ -424,39 +412,26 @@ class Log:
         batch = self._take_pending()
         if not batch:
             return False
-        if not self.spill.write("".join(file_line(*item) for item in batch)):
-            self.dropped += len(batch)
+        if not self.out.spill.write("".join(file_line(*item) for item in batch)):
+            self.lost.dropped += len(batch)
         return True
-
-    def _replay_spill(self):
-        """Released: what the spill file holds goes to the sink, in order."""
-        data = self.spill.read()
-        if data and not self.sink.write_raw(data):
-            return                       # kept for the next try
-        self.spill.clear()
 
     def _write_pending(self):
         """Write what is pending now; True if there was something."""
         batch = self._take_pending()
-        if self.dropped != self.reported_dropped:
-            lost = self.dropped - self.reported_dropped
-            if self.sink.write([(30, time.time(), "%d log lines dropped (log output was "
-                                                  "blocked, or held while a window was open)"
-                                 % lost, False)]):
-                self.reported_dropped += lost
+        if self.lost.dropped != self.lost.reported:
+            lost = self.lost.dropped - self.lost.reported
+            if self.out.sink.write([(30, time.time(), "%d log lines dropped (log output was "
+                                                      "blocked, or held while a window was "
+                                                      "open)" % lost, False)]):
+                self.lost.reported += lost
         if not batch:
             return False
         written = 0
         try:
-            written = self.sink.write(batch)
+            written = self.out.write(batch)
         finally:
-            self.dropped += len(batch) - written
-        if self.echo is not None:
-            start_up = [item for item in batch if item[1] <= self.echo_until]
-            if start_up:
-                self.echo.write(start_up)
-            else:
-                self.echo = None
+            self.lost.dropped += len(batch) - written
         return True
 
     def close(self, timeout=2.0):
@@ -467,6 +442,62 @@ class Log:
         self.wake.release()
         self.resume.set()
         self.thread.join(timeout)
+
+
+class LogLosses:
+    """What the log lost: lines dropped (a full buffer, a sink that failed),
+    how many of them a line has reported, and the writer's own failures."""
+
+    def __init__(self):
+        self.dropped = 0
+        self.reported = 0
+        self.failures = 0
+
+
+class LogOutputs:
+    """Where the log's writer puts lines: the sink (stderr, or syslog, or the
+    fallback file), the start-up echo to stderr beside syslog (until serving()),
+    and the spill file in the runtime dir for lines held while a window is open."""
+
+    def __init__(self):
+        self.sink = StderrSink()
+        self.echo = None               # a second sink for the start-up lines
+        self.echo_until = float("inf")
+        self.spill = None              # a SpillFile in the runtime dir, once attached
+        self.sink_file = False         # the sink writes to a file: hold() applies
+        self.echo_file = False         # so does the start-up echo, until serving()
+
+    def start(self, syslog):
+        if syslog:
+            self.sink = syslog_or_file()
+            self.echo = StderrSink()
+        self.sink_file = self.sink.is_file()
+        self.echo_file = self.echo is not None and self.echo.is_file()
+
+    def writes_files(self):
+        """Would a line written now go to a file (which a freeze would block)?"""
+        return self.sink_file or (self.echo_file and self.echo_until == float("inf"))
+
+    def write(self, batch):
+        """Write rendered lines to the sink, and the start-up ones to the echo;
+        returns how many the sink took."""
+        written = self.sink.write(batch)
+        if self.echo is not None:
+            start_up = [item for item in batch if item[1] <= self.echo_until]
+            if start_up:
+                self.echo.write(start_up)
+            else:
+                self.echo = None
+        return written
+
+    def replay_spill(self):
+        """Released: what the spill file holds goes to the sink, in order."""
+        if self.spill is None or not self.spill.size:
+            return
+        data = self.spill.read()
+        if data and not self.sink.write_raw(data):
+            return                       # kept for the next try
+        self.spill.clear()
 
 
 def render(item):
@@ -2237,7 +2268,6 @@ class Phases:
         self.base_env = {name: value for name, value in os.environb.items()
                          if name != b"SYNCHOOK_SECRET" and
                          not name.startswith(GUARDIAN_ENV_PREFIX)}
-        self.envs = {}                    # made once per (phase, client, sync result)
 
     def for_recovery(self, freezer, timeout):
         """These steps as a recovery runs a dead run's post plan: its freeze
@@ -2257,17 +2287,8 @@ class Phases:
         """A command's environment: synchook's own, less the secret, plus the
         phase, the client and, in the post phase, how the sync phase went
         (ok, failed, none: no window was open, unknown: a recovery), as
-        VMware tells its post-thaw scripts about a freeze that failed.
-        The same few are asked for again and again (copying the environment
-        took ten microseconds of each /sync): kept, ENV_CACHE at most.  A
-        command gets the mapping itself, which nothing changes."""
-        key = (phase, client, sync_result)
-        env = self.envs.get(key)
-        if env is not None:
-            return env
-        if len(self.envs) >= ENV_CACHE:
-            self.envs.clear()
-        env = self.envs[key] = dict(self.base_env)
+        VMware tells its post-thaw scripts about a freeze that failed."""
+        env = dict(self.base_env)
         env[b"SYNCHOOK_PHASE"] = phase.encode()
         env[b"SYNCHOOK_CLIENT"] = client.encode()
         if sync_result is not None:
@@ -2860,7 +2881,6 @@ class SyncWindow:
         self.stopped = False
         self.released_by_watchdog = False
         self.opening = None            # an Opening while the window is open
-        self.watchdog_stale = False    # a deadline it has not seen yet (see settle)
         self.post = None               # the open window's PostProgress
         self.last = {"sync": None, "post-sync": None}
         self.watchdog = threading.Thread(target=self._watch, name="max-hold", daemon=True)
@@ -2891,7 +2911,7 @@ class SyncWindow:
                     deadline = min(time.monotonic() + self.max_hold,
                                    self.opening.mono + 2 * self.max_hold)
                     if self.opening.deadline is None or deadline < self.opening.deadline:
-                        self.watchdog_stale = True   # else it wakes in time anyway
+                        self.cond.notify_all()       # else it wakes in time anyway
                     self.opening.deadline = deadline
                 self._set_ceiling(deadline - time.monotonic())
                 log.info("window already open: sync phase not run again; max-hold restarted")
@@ -2910,7 +2930,7 @@ class SyncWindow:
                 with self.cond:
                     opening.syncing = False
                     opening.deadline = time.monotonic() + self.max_hold
-                    self.watchdog_stale = True
+                    self.cond.notify_all()
                 self._set_ceiling(self.max_hold)
             opening.answer = self.sync_answer(steps)
             self._record("sync", steps)
@@ -2951,21 +2971,13 @@ class SyncWindow:
             self.turns.give()
 
     def status(self):
-        def result(last):
-            if last is None:
-                return None
-            when, steps = last
-            status, text = phase_answer(steps)
-            return {"status": status, "reason": text, "at": iso(when),
-                    "steps": [step.as_dict() for step in steps]}
-
         with self.cond:
             opening = self.opening
             state = {"state": "open" if self.is_open else "idle",
                      "open_since": iso(opening.at) if opening else None,
                      "opened_by": opening.by if opening else None,
-                     "last_sync": result(self.last["sync"]),
-                     "last_post_sync": result(self.last["post-sync"])}
+                     "last_sync": phase_status(self.last["sync"]),
+                     "last_post_sync": phase_status(self.last["post-sync"])}
             left = None
             if opening is not None and opening.deadline is not None:
                 left = round(max(0.0, opening.deadline - time.monotonic()), 1)
@@ -3048,7 +3060,7 @@ class SyncWindow:
             self.opening = None
             self.post = None
             self.window_phases = self.phases     # a recovery's steps end with its window
-            self.watchdog_stale = True
+            self.cond.notify_all()
         self.marker.close_window()
         if self.guardian is not None:
             self.guardian.close_window()
@@ -3057,17 +3069,6 @@ class SyncWindow:
         log.info("window closed (%s): %s", why, text)
         log.release()
         return status, text
-
-    def settle(self):
-        """Tell the watchdog of a deadline it has not seen: called once a
-        request's answer is sent (a watchdog woken before would take the
-        interpreter lock from the answer), and by the watchdog itself.  A
-        deadline set while it waits for none is late by no more than the
-        answer's own write."""
-        if self.watchdog_stale:
-            with self.cond:
-                self.watchdog_stale = False
-                self.cond.notify_all()
 
     def _record(self, phase, steps):
         with self.cond:
@@ -3086,7 +3087,6 @@ class SyncWindow:
     def _watch(self):
         while True:
             with self.cond:
-                self.watchdog_stale = False      # it looks now
                 while True:
                     if self.stopped:
                         return
@@ -3145,6 +3145,16 @@ class SyncWindow:
             return not self.is_open
         finally:
             self.turns.give()
+
+
+def phase_status(last):
+    """A phase's last run, (time, steps) or None, as /status shows it."""
+    if last is None:
+        return None
+    when, steps = last
+    status, text = phase_answer(steps)
+    return {"status": status, "reason": text, "at": iso(when),
+            "steps": [step.as_dict() for step in steps]}
 
 
 def recover_window(window, who="restart", settings=True):
@@ -3758,6 +3768,12 @@ window_timer() {
             read -r now _ </proc/uptime || exit 0
             now=${now%%.*}
             if [ "$now" -ge "$due" ]; then
+                # The daemon rewrites the file in place, and a read that meets a
+                # rewrite can be torn (its first bytes new, the rest old: "3" of
+                # "39653" over "0"): past due for real is past due a moment later.
+                sleep 1
+                IFS= read -r again <"$SYNCHOOK_GUARDIAN_DEADLINE" && [ "$again" = "$due" ] \\
+                    || continue
                 printf '%s error: process %s had not released its window when due: killed by its guardian\\n' \\
                     "$(date +%Y-%m-%dT%H:%M:%S%z)" "$daemon" >>"$SYNCHOOK_GUARDIAN_SPILL"
                 kill -KILL "$daemon"
@@ -4117,19 +4133,20 @@ class DeadlineReader(io.RawIOBase):
 
 
 class SendAll:
-    """A minimal wfile: every write is complete within the handler's write
-    deadline, or raises.  (sendall's timeout restarts at every byte, so a
-    client reading 1 byte a second would keep the connection for ever.)"""
+    """A minimal wfile: every write is complete by its deadline (which the
+    handler sets for each answer), or raises.  (sendall's timeout restarts at
+    every byte, so a client reading 1 byte a second would keep the connection
+    for ever.)"""
 
-    def __init__(self, sock, handler):
+    def __init__(self, sock, deadline):
         self.sock = sock
-        self.handler = handler
+        self.deadline = deadline
         self.closed = False
 
     def write(self, data):
         view = memoryview(data)
         while view:
-            view = view[by_deadline(self.sock, self.handler.write_deadline,
+            view = view[by_deadline(self.sock, self.deadline,
                                     "answer not taken by the client in time", True,
                                     self.sock.send, view):]
         return len(data)
@@ -4159,29 +4176,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection = self.request
         self.conn = self.server.connection_of(self.request)
         self.client_ip = self.server.client_ip(self.client_address)
-        self.dropped = False
         self.started = time.monotonic()
         self.command = None
         self.path = "-"
         self.request_version = "HTTP/1.1"
         self.close_connection = True
         self.deadline = time.monotonic() + self.server.cfg.header_timeout
-        self.write_deadline = self.deadline
         try:
             self.connection = self.server.negotiate(self.request, self)
         except (OSError, ValueError) as err:
             log.debug("%s: connection dropped during set-up: %s", self.client_ip, err)
             self.connection = None
-        if self.connection is None:
-            self.dropped = True
+        if self.connection is None:       # dropped: handle() and finish() do nothing
             return
         self.rfile = io.BufferedReader(DeadlineReader(self.connection, self), 8192)
-        self.wfile = SendAll(self.connection, self)
+        self.wfile = SendAll(self.connection, self.deadline)
         self.requests = 0
         self.refused = False
 
     def handle(self):
-        if self.dropped:
+        if self.connection is None:
             return
         self.close_connection = False
         try:
@@ -4191,7 +4205,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.debug("%s: connection ended: %s", self.client_ip, err)
 
     def finish(self):
-        if self.dropped:
+        if self.connection is None:
             return
         if self.refused:
             self.linger()
@@ -4284,7 +4298,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.serve_request(head)
         finally:
             log.end_defer()
-            self.server.window.settle()       # the watchdog's turn, after the answer
 
     def serve_request(self, head):
         self.mark("busy")
@@ -4343,7 +4356,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if route != "status" and self.server.status_only(self.client_ip):
             return self.reply(403, "forbidden: %s (loopback may read /status only)" % (
                 "--allow none, " + CLOSED_HINT if is_closed(self.server.cfg) else "not in --allow"))
-        if not self.server.authorized(self.headers, query):
+        if not self.server.secret.accepts(self.headers, query):
             return self.reply(403, WRONG_SECRET)
         if route != "status":
             self.server.prove(self.conn)
@@ -4380,8 +4393,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # For `synchook fleet`: would this caller's /sync be served, what would freeze.
         state["client_allowed"] = self.server.allowed(self.client_ip)
         state["freeze_plan"] = freeze_points(self.server.cfg)
-        state["log_lines_dropped"] = log.dropped
-        state["log_writer_errors"] = log.failures
+        state["log_lines_dropped"] = log.lost.dropped
+        state["log_writer_errors"] = log.lost.failures
         state["version"] = __version__
         state["uptime"] = round(time.monotonic() - self.server.started, 1)
         self.reply(200, json.dumps(state, indent=1), content_type="application/json")
@@ -4391,7 +4404,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
               content_type="text/plain; charset=utf-8"):
         body = (text + "\n").encode("utf-8")
         # The answer may come a minute after the request; writing it gets its own time.
-        self.write_deadline = time.monotonic() + self.server.cfg.header_timeout
+        self.wfile.deadline = time.monotonic() + self.server.cfg.header_timeout
         if close or 400 <= status < 500:      # after a refusal, trust nothing that follows
             self.close_connection = True
             self.refused = True
@@ -4596,6 +4609,94 @@ class ConnectionTable:
             return any(c.state in ("busy", "command") for c in self.table.values())
 
 
+class Spares:
+    """How many connection threads wait in accept(), or are on their way to it.
+    Counted under the connection table's lock: one order for counting threads
+    and admitting connections (two locks let about 40 more threads pile up
+    under 1,000 stalled connections, tests/test_access.py)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.count = 0
+
+    def now(self):
+        with self.lock:
+            return self.count
+
+    def add(self):
+        with self.lock:
+            self.count += 1
+
+    def taken(self):
+        """One spare is gone (it took a connection, or never started): True if
+        it was the last."""
+        with self.lock:
+            self.count -= 1
+            return self.count == 0
+
+    def rejoin(self, stopping):
+        """A thread done with its connection waits for another, unless
+        IDLE_WORKERS do already (or the server stops): True if it does."""
+        with self.lock:
+            if self.count >= IDLE_WORKERS or stopping:
+                return False
+            self.count += 1
+            return True
+
+
+class AcceptPause:
+    """Out of descriptors, accept() fails at once (EMFILE): a connection thread
+    waits ACCEPT_PAUSE, or until a connection closes, instead of spinning."""
+
+    def __init__(self):
+        self.paused = False
+        self.freed = threading.Event()
+        self.failures = RateLimitedWarning("cannot accept a connection", "pausing")
+
+    def wait(self, err):
+        self.failures.note(err.strerror)
+        self.paused = True
+        self.freed.wait(ACCEPT_PAUSE)
+        self.freed.clear()
+        self.paused = False
+
+    def descriptor_closed(self):
+        if self.paused:                   # a descriptor is free: accept again
+            self.freed.set()
+
+
+class Secret:
+    """--secret, kept as digests (of the token= value, and of the base64 form a
+    Bearer header carries) and compared in constant time."""
+
+    def __init__(self, secret):
+        self.digest = self.bearer_digest = None
+        if secret:
+            raw = secret.encode("utf-8", "surrogateescape")
+            self.digest = hashlib.sha256(raw).digest()
+            self.bearer_digest = hashlib.sha256(base64.b64encode(raw)).digest()
+
+    def accepts(self, headers, query):
+        """Does the request carry the secret (or is there none)?"""
+        if self.digest is None:
+            return True
+        good = False
+        auth = headers.get("Authorization", "")
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+            good = hmac.compare_digest(digest, self.bearer_digest)
+        # Percent-decoding only, not form decoding: a raw "+" in the tag URL is a
+        # "+" of the secret (base64 secrets have them), not a space.
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if urllib.parse.unquote(name) == "token":
+                digest = hashlib.sha256(urllib.parse.unquote_to_bytes(value)).digest()
+                good = hmac.compare_digest(digest, self.digest) or good
+                break
+        return good
+
+
 class SyncHookServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024         # a burst of connections must not overflow the backlog
@@ -4609,20 +4710,10 @@ class SyncHookServer(ThreadingHTTPServer):
         self.waker = waker
         self.started = time.monotonic()
         self.connections = ConnectionTable(max_connections)
-        # The spares are counted under the table's lock: one order for counting
-        # threads and admitting connections.  Two locks let about 40 more
-        # threads pile up under 1,000 stalled connections (tests/test_access.py).
-        self.spares_lock = self.connections.lock
-        self.spares = 0                   # connection threads in (or on their way to) accept()
-        self.accept_paused = False
-        self.descriptor_freed = threading.Event()
-        self.accept_failures = RateLimitedWarning("cannot accept a connection", "pausing")
+        self.spares = Spares(self.connections.lock)
+        self.pause = AcceptPause()
         self.keep_alive = "Keep-Alive: timeout=%d" % int(cfg.header_timeout)
-        self.secret_digest = None
-        if cfg.secret:
-            secret = cfg.secret.encode("utf-8", "surrogateescape")
-            self.secret_digest = hashlib.sha256(secret).digest()
-            self.bearer_digest = hashlib.sha256(base64.b64encode(secret)).digest()
+        self.secret = Secret(cfg.secret)
         # systemd's socket (socket activation), which outlives this process.
         self.socket_shared = shared
         if listener is None:
@@ -4632,15 +4723,13 @@ class SyncHookServer(ThreadingHTTPServer):
             self.socket.close()
             self.socket = listener
             self.server_address = listener.getsockname()
-            self.server_name, self.server_port = self.server_address[:2]
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # Not HTTPServer.server_bind: its getfqdn() can hang on a guest with
-        # broken DNS.
+        # Not HTTPServer.server_bind: its getfqdn() (for server_name, which
+        # nothing here reads) can hang on a guest with broken DNS.
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
 
     # Threads.  Each connection thread accepts its own connection: spare ones
     # wait in accept() (blocked: no wake-up while idle; the kernel wakes one
@@ -4694,9 +4783,7 @@ class SyncHookServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         if host in ("::", "0.0.0.0"):
             host = "127.0.0.1"               # the dual-stack socket takes IPv4 too
-        with self.spares_lock:
-            spares = self.spares
-        for _ in range(spares):
+        for _ in range(self.spares.now()):
             try:
                 socket.create_connection((host, port), timeout=1).close()
             except OSError:
@@ -4713,8 +4800,7 @@ class SyncHookServer(ThreadingHTTPServer):
 
     def add_spare(self):
         """Start one more thread waiting for a connection; False if it cannot start."""
-        with self.spares_lock:
-            self.spares += 1
+        self.spares.add()
         try:
             # Not threading.Thread: its start() waits until the new thread runs,
             # a hand-over of the interpreter lock on the way of a burst of
@@ -4722,8 +4808,7 @@ class SyncHookServer(ThreadingHTTPServer):
             _thread.start_new_thread(self._connections, ())
             return True
         except RuntimeError as err:          # no thread can be started now
-            with self.spares_lock:
-                self.spares -= 1
+            self.spares.taken()
             log.error("cannot start a connection thread: %s", err)
             return False
 
@@ -4733,18 +4818,14 @@ class SyncHookServer(ThreadingHTTPServer):
         one before it serves, so that someone always accepts."""
         while True:
             request, client_address = self.accept_next()
-            with self.spares_lock:
-                self.spares -= 1
-                last = self.spares == 0
+            last = self.spares.taken()
             if request is None:
                 return
             if last and not self.waker.stopping:
                 self.add_spare()
             self.serve_connection(request, client_address)
-            with self.spares_lock:
-                if self.spares >= IDLE_WORKERS or self.waker.stopping:
-                    return
-                self.spares += 1
+            if not self.spares.rejoin(self.waker.stopping):
+                return
 
     def accept_next(self):
         """The next connection, or (None, None) once stopping.  Out of
@@ -4757,11 +4838,7 @@ class SyncHookServer(ThreadingHTTPServer):
                 if self.waker.stopping:
                     break
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.accept_failures.note(err.strerror)
-                    self.accept_paused = True
-                    self.descriptor_freed.wait(ACCEPT_PAUSE)
-                    self.descriptor_freed.clear()
-                    self.accept_paused = False
+                    self.pause.wait(err)
                 # else: the client left before it was taken
         return None, None
 
@@ -4826,8 +4903,7 @@ class SyncHookServer(ThreadingHTTPServer):
             self.close_request(request)
         else:
             ThreadingHTTPServer.shutdown_request(self, request)
-        if self.accept_paused:                # a descriptor is free: accept again
-            self.descriptor_freed.set()
+        self.pause.descriptor_closed()
 
     def handle_error(self, request, client_address):
         err = sys.exc_info()[1]
@@ -4882,26 +4958,6 @@ class SyncHookServer(ThreadingHTTPServer):
         except OSError:
             pass
         log.noise(ip, "%s: plain HTTP refused (--tls on)", ip)
-
-    # The secret -----------------------------------------------------------------
-    def authorized(self, headers, query):
-        if self.secret_digest is None:
-            return True
-        good = False
-        auth = headers.get("Authorization", "")
-        scheme, _, token = auth.strip().partition(" ")
-        if scheme.lower() == "bearer":
-            digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-            good = hmac.compare_digest(digest, self.bearer_digest)
-        # Percent-decoding only, not form decoding: a raw "+" in the tag URL is a
-        # "+" of the secret (base64 secrets have them), not a space.
-        for part in query.split("&"):
-            name, _, value = part.partition("=")
-            if urllib.parse.unquote(name) == "token":
-                digest = hashlib.sha256(urllib.parse.unquote_to_bytes(value)).digest()
-                good = hmac.compare_digest(digest, self.secret_digest) or good
-                break
-        return good
 
 
 def is_loopback(ip):

@@ -3,6 +3,7 @@
 import glob
 import http.client
 import os
+import random
 import re
 import shutil
 import signal
@@ -150,28 +151,23 @@ class Daemon:
             pass
 
     def wait_listening(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"listening on \S+ port (\d+)", self.log())
-            if match:
-                self.port = int(match.group(1))
-                return self.port
+        def listening():
             if self.proc.poll() is not None:
-                raise AssertionError("synchook exited %s:\n%s" % (self.proc.returncode, self.log()))
-            time.sleep(0.02)
-        raise AssertionError("synchook did not start:\n" + self.log())
+                raise AssertionError("synchook exited %s:\n%s" % (self.proc.returncode,
+                                                                  self.log()))
+            return re.search(r"listening on \S+ port (\d+)", self.log())
+        match = wait_until(listening, timeout, lambda: "synchook listening:\n" + self.log(),
+                           0.02)
+        self.port = int(match.group(1))
+        return self.port
 
     def log(self):
         with open(self.log_path, "rb") as handle:
             return handle.read().decode("utf-8", "replace")
 
     def wait_log(self, pattern, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.log()):
-                return
-            time.sleep(0.02)
-        raise AssertionError("log never matched %r:\n%s" % (pattern, self.log()))
+        wait_until(lambda: re.search(pattern, self.log()), timeout,
+                   lambda: "the log matching %r:\n%s" % (pattern, self.log()), 0.02)
 
     def connection(self, tls=False, timeout=30, host="127.0.0.1", source=None):
         source_address = (source, 0) if source else None
@@ -197,8 +193,7 @@ class Daemon:
 
     def guardian_pid(self, timeout=10):
         """The pid of this daemon's guardian (a child shell named window-guardian)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def guardian():
             for pid in children(self.proc.pid):
                 try:
                     with open("/proc/%d/cmdline" % pid, "rb") as handle:
@@ -206,8 +201,8 @@ class Daemon:
                             return pid
                 except OSError:
                     pass
-            assert time.monotonic() < deadline, "no guardian found"
-            time.sleep(0.02)
+            return None
+        return wait_until(guardian, timeout, "a guardian", 0.02)
 
     def kill_all(self):
         """SIGKILL the guardian, then the daemon: as `systemctl kill -s KILL` (a whole
@@ -303,24 +298,52 @@ def rec(tmp_path):
             return path.read_text().split() if path.exists() else []
 
         def wait_for(self, lines, timeout=15):
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.lines() == lines:
-                    return
-                time.sleep(0.02)
-            assert self.lines() == lines
+            wait_until(lambda: self.lines() == lines, timeout,
+                       lambda: "the hook commands' record %r, not %r" % (lines, self.lines()),
+                       0.02)
 
     return Recorder()
 
 
-def wait_until(predicate, timeout, step=0.01):
-    """Poll predicate until it is true (True) or timeout seconds have passed (False)."""
+def wait_until(predicate, timeout, what=None, step=0.01):
+    """Poll predicate until it is true (its value), timeout seconds at most.  Then,
+    with what (a text, or a function that makes one: a log read late), the test
+    fails saying what never happened; without, wait_until returns False.  The
+    one polling loop of the suite: no test sleeps a fixed time to wait for
+    something it can ask about."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() >= deadline:
-            return False
+            if what is None:
+                return False
+            raise AssertionError("not within %s s: %s" % (timeout, what() if callable(what)
+                                                             else what))
         time.sleep(step)
-    return True
+
+
+def accepts(port, proc=None):
+    """Does something accept connections on 127.0.0.1:port?  The process meant to
+    (proc) having exited fails the test."""
+    if proc is not None and proc.poll() is not None:
+        raise AssertionError("exited (%s) before it listened on port %d" % (proc.returncode,
+                                                                          port))
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_text(path):
+    """A file's text, or "" while it does not exist."""
+    try:
+        with open(str(path), errors="replace") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
 
 
 def http_get(port, path, timeout=20):
@@ -366,9 +389,23 @@ def build_packages(out, version=None):
 
 
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, and below the kernel's ephemeral range: never one the
+    kernel may hand, a moment later, to a test running beside this one
+    (pytest-xdist) for its --port 0 daemon or an outgoing connection."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            ceiling = int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ceiling = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, ceiling))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below %d" % ceiling)
 
 
 def start_writer(point, name="data"):

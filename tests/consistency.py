@@ -52,9 +52,17 @@ def run(cmd, check=False, timeout=300, **kwargs):
 
 
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (as tests/conftest.py's,
+    which this harness, also run by bench/consistency, does not import)."""
+    for _ in range(200):
+        port = random.randrange(10000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below 32768")
 
 
 def as_user(user, cmd):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK
+from conftest import SYNCHOOK, read_text, wait_until
 
 
 def test_sync_runs_command_before_answering(start, rec, tmp_path):
@@ -45,17 +45,9 @@ def test_timeout_with_grandchild_holding_pipe(start, tmp_path):
     assert d.get("/sync") == (500, "command timed out after 1 s")
     assert time.monotonic() - began < 8
     pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            with open("/proc/%d/stat" % pid) as handle:
-                if handle.read().split(")")[1].split()[0] == "Z":
-                    break
-        except FileNotFoundError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("grandchild %d survived the timeout" % pid)
+    stat = "/proc/%d/stat" % pid                 # gone, or a zombie
+    wait_until(lambda: read_text(stat).split(")")[-1].split()[:1] in ([], ["Z"]), 5,
+               "grandchild %d ended by the timeout" % pid, 0.05)
     assert d.get("/post-sync") == (200, "Ok")   # the server is still serving
 
 

@@ -254,7 +254,7 @@ class FrozenRoot:
         def listening():
             assert proc.poll() is None, self.read_log()
             return " listening on " in self.read_log()
-        assert wait_until(listening, timeout, 0.05), self.read_log()
+        assert wait_until(listening, timeout, step=0.05), self.read_log()
 
     def read_log(self):
         try:
@@ -600,3 +600,51 @@ def test_loopback_status_readers_never_evict_xos_connection(start, rec):
             sock.close()
     assert rec.lines() == ["sync", "post"]
     assert json.loads(d.get("/status")[1])["state"] == "idle"
+
+
+# The guardian's timer, on its own: a torn read of the deadline kills no one ----------
+
+FAKE_DAEMON = r"""
+import os, subprocess, sys
+timer_read, timer_write = os.pipe()
+guardian = subprocess.Popen(["sh", "-c", os.environ["GUARDIAN_SCRIPT"], "window-guardian"],
+                            stdin=subprocess.PIPE, stdout=timer_read)
+os.close(timer_read)
+print(guardian.pid, flush=True)
+for line in sys.stdin:                  # each line: wake the timer, as Guardian.open_window
+    os.write(timer_write, b"\n")
+"""
+
+
+def test_guardian_timer_kills_only_for_a_deadline_read_past_twice(tmp_path):
+    """synchook rewrites the deadline file in place, and the timer's read can
+    meet a rewrite: "3" of "39653" over "0" (seen with two synchooks under 8,000
+    windows a second, bench/ab: killed by its guardian).  A deadline read past
+    due is believed only if a second read, a second later, says the same."""
+    deadline = tmp_path / "deadline"
+    deadline.write_text("0\n")
+    env = dict(os.environ, GUARDIAN_SCRIPT=synchook.GUARDIAN_SCRIPT,
+               SYNCHOOK_GUARDIAN_DEADLINE=str(deadline),
+               SYNCHOOK_GUARDIAN_SPILL=str(tmp_path / "spill"),
+               SYNCHOOK_GUARDIAN_MARKER=str(tmp_path / "no-marker"))
+    daemon = subprocess.Popen([sys.executable, "-c", FAKE_DAEMON], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    try:
+        daemon.stdout.readline()                         # the guardian runs
+        deadline.write_text("3\n")                       # a torn read: past due ...
+        daemon.stdin.write("wake\n")
+        daemon.stdin.flush()
+        time.sleep(0.3)
+        deadline.write_text("0\n")                       # ... and gone a moment later
+        time.sleep(2)
+        assert daemon.poll() is None, "killed on one read of the deadline"
+        deadline.write_text("3\n")                       # past due for real
+        daemon.stdin.write("wake\n")
+        daemon.stdin.flush()
+        assert daemon.wait(10) == -signal.SIGKILL
+        assert "had not released its window when due" in (tmp_path / "spill").read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

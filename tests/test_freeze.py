@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import SYNCHOOK, assert_frozen, assert_thawed, interpreters, read_marker, run
+from conftest import (SYNCHOOK, accepts, assert_frozen, assert_thawed, interpreters, read_marker,
+                      read_text, run, wait_until)
 
 sys.path.insert(0, os.path.dirname(SYNCHOOK))
 import synchook  # noqa: E402
@@ -164,10 +164,8 @@ def test_synchook_on_the_frozen_filesystem_still_thaws(loops, tmp_path):
                              % (sys.executable, a, port, tmp_path / "run", a, log_file)])
     try:
         import http.client
-        deadline = time.monotonic() + 20
-        while "listening" not in (open(log_file).read() if os.path.exists(log_file) else ""):
-            assert time.monotonic() < deadline and proc.poll() is None, "did not start"
-            time.sleep(0.05)
+        wait_until(lambda: accepts(port, proc) and "listening" in read_text(log_file), 20,
+                   "synchook listening", 0.05)
         for path in ("/sync", "/status", "/post-sync"):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
             conn.request("GET", path)

@@ -3,11 +3,11 @@
 import os
 import shutil
 import subprocess
-import time
+import re
 
 import pytest
 
-from conftest import run, start_writer
+from conftest import read_text, run, start_writer, wait_until
 
 NEEDED = ["losetup", "mkfs.ext4", "mount", "umount", "fsfreeze"]
 
@@ -78,14 +78,9 @@ def test_logging_to_frozen_filesystem_does_not_deadlock(start, frozen_fs, tmp_pa
                          tmp_path / "run2", frozen_fs, frozen_fs, log_file))
     proc = subprocess.Popen(["sh", "-c", script])
     try:
-        port = None
-        deadline = time.monotonic() + 20
-        while port is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            text = open(log_file).read() if os.path.exists(log_file) else ""
-            if "port " in text and "listening" in text:
-                port = int(text.split("port ")[1].split()[0])
-        assert port, "daemon did not start"
+        match = wait_until(lambda: re.search(r"listening on \S+ port (\d+)",
+                                             read_text(log_file)), 20, "synchook listening", 0.05)
+        port = int(match.group(1))
         import http.client
         for path in ("/sync", "/post-sync"):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SYNCHOOK, free_port, run, synchook
+from conftest import ROOT, SYNCHOOK, accepts, free_port, run, synchook, wait_until
 
 pytestmark = pytest.mark.install
 
@@ -354,13 +354,7 @@ def web(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
                              str(port)], cwd=str(site), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_until(lambda: accepts(port, proc), 10, "the web server listening", 0.05)
     yield "http://127.0.0.1:%d" % port
     proc.terminate()
     proc.wait()
@@ -784,16 +778,10 @@ def test_rc_local_really_starts_at_boot_and_uninstalls(private_system):
     assert "synchook is listening on port %d" % port in out.stderr
     assert answers(port)
     os.kill(int(open(system.path("/run/synchook.pid")).read()), 15)       # as at shutdown
-    deadline = time.monotonic() + 10
-    while answers(port, 1) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not answers(port)
+    wait_until(lambda: not answers(port, 1), 10, "synchook stopped", 0.1)
     boot = system.run(["sh", "/etc/rc.local"], timeout=30)               # as at boot
     assert boot.returncode == 0
-    deadline = time.monotonic() + 15
-    while not answers(port, 1) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert answers(port), "rc.local did not start synchook"
+    wait_until(lambda: answers(port, 1), 15, "rc.local starting synchook", 0.1)
     pid = int(open(system.path("/run/synchook.pid")).read())
     out = system.run(shell + [INSTALL, "--sync", "echo changed"], env=clean_env())
     assert out.returncode == 0 and "synchook restarted in place" in out.stderr, out.stderr
@@ -832,10 +820,8 @@ def test_sysv_script_takes_a_zombie_for_not_running(shell, tmp_path):
     (tmp_path / "init").write_text(script)
     zombie = subprocess.Popen(["true"])
     try:
-        deadline = time.monotonic() + 10
-        while open("/proc/%d/stat" % zombie.pid).read().rsplit(") ", 1)[1][0] != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: open("/proc/%d/stat" % zombie.pid).read().rsplit(") ", 1)[1][0]
+                   == "Z", 10, "a zombie")
         pidfile.write_text("%d\n" % zombie.pid)
         status = run(shell + [str(tmp_path / "init"), "status"])
         assert status.returncode == 3 and "not running" in status.stdout, status.stdout

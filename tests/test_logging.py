@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, free_port, http_get, run
+from conftest import SYNCHOOK, accepts, free_port, http_get, read_text, run, wait_until
 
 
 def test_notify_socket_gets_ready(start, tmp_path):
@@ -88,14 +88,7 @@ def daemon_in_namespace(tmp_path, with_log, sync):
                                                      tmp_path / "run", shlex.quote(sync)))
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "did not start"
-                time.sleep(0.05)
+        wait_until(lambda: accepts(port, proc), 20, "synchook listening", 0.05)
         yield port, receiver, proc.pid
     finally:
         proc.terminate()
@@ -128,10 +121,8 @@ def http(port, path):
 
 def wait_for_drops(port, timeout=10):
     """The writer thread gets to the full socket shortly after the request."""
-    deadline = time.monotonic() + timeout
-    while json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0:
-        assert time.monotonic() < deadline, "no log line was dropped"
-        time.sleep(0.1)
+    wait_until(lambda: json.loads(http(port, "/status")[1])["log_lines_dropped"], timeout,
+               "a log line dropped", 0.1)
 
 
 @pytest.mark.root
@@ -180,12 +171,8 @@ def test_syslog_missing_socket_logs_to_the_fallback_file(tmp_path):
         # Held while the window is open (the file's filesystem may be the frozen one)...
         assert "sync| from-the-hook" not in open(path).read()
         assert http(port, "/post-sync") == (200, "Ok\n")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            text = open(path).read() if os.path.exists(path) else ""
-            if "sync| from-the-hook" in text:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: "sync| from-the-hook" in read_text(path), 10, step=0.05)
+        text = read_text(path)
         assert "no syslog socket at /dev/log: logging to /var/log/synchook.log" in text, text
         assert "sync| from-the-hook" in text and "listening on" in text
         assert json.loads(http(port, "/status")[1])["log_lines_dropped"] == 0
@@ -227,10 +214,8 @@ def daemon_logging_to_file(tmp_path, *args):
                                  "127.0.0.1", "--tls", "off", "--runtime-dir",
                                  str(tmp_path / "run")] + list(args),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    deadline = time.monotonic() + 20
-    while "listening on" not in path.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
-        time.sleep(0.02)
+    wait_until(lambda: accepts(port, proc) and "listening on" in path.read_text(), 20,
+               path.read_text, 0.02)
     return proc, port, path
 
 
@@ -251,10 +236,8 @@ def test_log_in_a_file_never_stops_with_windows_back_to_back(tmp_path):
             if running.exists():
                 running.unlink()                       # the last round's final post phase
             post.start()
-            deadline = time.monotonic() + 10
-            while not running.exists():                # the post phase runs: now the next
-                assert time.monotonic() < deadline     # /sync, as XO's second snapshot
-                time.sleep(0.002)
+            # The post phase runs: now the next /sync, as XO's second snapshot.
+            wait_until(running.exists, 10, "the post phase running", 0.002)
             second.start()
             post.join(10)
             second.join(10)
@@ -282,10 +265,8 @@ def test_lines_held_in_a_window_survive_a_sigkill(tmp_path):
         assert "sync| held-line-marker" not in path.read_text()    # held: a window is open
         proc.kill()
         proc.wait(5)
-        deadline = time.monotonic() + 10
-        while "window closed (recover): Ok" not in path.read_text():
-            assert time.monotonic() < deadline, path.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: "window closed (recover): Ok" in path.read_text(), 10,
+                   path.read_text, 0.05)
         text = path.read_text()
         assert "sync| held-line-marker" in text, text
         assert "(the lines above were held by a synchook that ended before it could write " \

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, wait_until
+from conftest import SYNCHOOK, free_port, wait_until
 
 
 def hammer(d, stop, results):
@@ -104,12 +104,6 @@ def activated(start, port, *args):
     assert d.get("/status")[0] == 200          # waited in the socket's queue
     d.wait_listening()
     return d
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @needs_activate

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, free_port, read_marker, run, window_open
+from conftest import SYNCHOOK, accepts, free_port, read_marker, run, wait_until, window_open
 
 pytestmark = pytest.mark.slow
 
@@ -127,16 +127,11 @@ def test_post_that_cannot_start_is_owed_retried_and_run_once(tmp_path, rec):
         # /dev/null comes back (created in synchook's own view of /dev).
         os.mknod("/proc/%d/root/dev/null" % proc.pid, 0o666 | 0o020000, os.makedev(1, 3))
         rec.wait_for(["post"], timeout=20)             # retried within 10 s
-        deadline = time.monotonic() + 5
-        while window_open(runtime) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not window_open(runtime)
+        wait_until(lambda: not window_open(runtime), 5, "the window closed", 0.05)
         assert get(conn, "/post-sync") == (200, "Ok")  # released already: not run again
         assert rec.lines() == ["post"]
-        deadline = time.monotonic() + 5
-        while "window closed (retry): Ok" not in log_path.read_text():
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: "window closed (retry): Ok" in log_path.read_text(), 5,
+                   log_path.read_text, 0.05)
         text = log_path.read_text()
         assert "post phase (/post-sync, try 1) could not start: cannot open /dev/null" in text
     finally:
@@ -147,14 +142,8 @@ def test_post_that_cannot_start_is_owed_retried_and_run_once(tmp_path, rec):
 
 def wait_http(port, proc, timeout=20):
     import http.client
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "did not start"
-            time.sleep(0.05)
+    wait_until(lambda: accepts(port, proc), timeout, "synchook listening", 0.05)
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
 def get(conn, path):
@@ -252,10 +241,8 @@ def test_1500_idle_connections_https_sync_and_post(start, rec):
                   "--max-connections", "3000")
         for _ in range(1500):
             crowd.append(socket.create_connection(("127.0.0.1", d.port), 10))
-        deadline = time.monotonic() + 20
-        while len(os.listdir("/proc/%d/fd" % d.proc.pid)) < 1500:
-            assert time.monotonic() < deadline, "the crowd was not accepted"
-            time.sleep(0.1)
+        wait_until(lambda: len(os.listdir("/proc/%d/fd" % d.proc.pid)) >= 1500, 20,
+                   "the crowd accepted", 0.1)
         assert d.get("/sync", tls=True) == (200, "Ok")
         assert d.get("/post-sync", tls=True) == (200, "Ok")
         assert rec.lines() == ["sync", "post"]
@@ -455,13 +442,11 @@ def test_log_writer_survives_a_failing_sink():
 
     log = synchook.Log()
     log.start("info")
-    log.sink = Flaky()
+    log.out.sink = Flaky()
     log.info("first")
     time.sleep(0.3)
     log.info("second")
-    deadline = time.monotonic() + 5
-    while "second" not in log.sink.lines and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: "second" in log.out.sink.lines, 5)
     log.close()
-    assert "second" in log.sink.lines
-    assert log.failures == 1 and log.dropped == 1
+    assert "second" in log.out.sink.lines
+    assert log.lost.failures == 1 and log.lost.dropped == 1

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import free_port, run, SYNCHOOK
+from conftest import free_port, run, wait_until, SYNCHOOK
 
 
 def hold_cmd(rec, delay=0.0):
@@ -77,10 +77,7 @@ def test_hold_that_never_prints_fails_sync_within_timeout(start, rec, tmp_path):
         except OSError:
             return False
 
-    deadline = time.monotonic() + 5
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(), "the hold outlived its window"
+    wait_until(lambda: not alive(), 5, "the hold ended with its window", 0.05)
     assert d.get("/post-sync") == (200, "Ok")        # the post phase still runs
     assert rec.lines() == ["post"]
 
