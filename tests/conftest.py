@@ -3,7 +3,6 @@
 import glob
 import http.client
 import os
-import random
 import re
 import shutil
 import signal
@@ -21,6 +20,7 @@ SYNCHOOK = os.path.join(ROOT, "synchook.py")
 sys.path.insert(0, ROOT)
 sys.dont_write_bytecode = True
 import synchook  # noqa: E402  (only for the certificate maker and constants)
+import consistency  # noqa: E402  (its free_port: one for the suite and bench/consistency)
 
 sys.dont_write_bytecode = False
 
@@ -346,6 +346,9 @@ def read_text(path):
         return ""
 
 
+free_port = consistency.free_port
+
+
 def http_get(port, path, timeout=20):
     """(status, body) of a plain HTTP GET on loopback, on a connection of its own."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -386,26 +389,6 @@ def build_packages(out, version=None):
     assert result.returncode == 0, result.stdout + result.stderr
     return {path.rsplit(".", 1)[1]: path for path in result.stdout.split()
             if path.endswith((".deb", ".rpm"))}
-
-
-def free_port():
-    """A port free now, and below the kernel's ephemeral range: never one the
-    kernel may hand, a moment later, to a test running beside this one
-    (pytest-xdist) for its --port 0 daemon or an outgoing connection."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
-            ceiling = int(handle.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ceiling = 32768
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, ceiling))
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port below %d" % ceiling)
 
 
 def start_writer(point, name="data"):
