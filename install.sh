@@ -472,29 +472,45 @@ get_program() {
         [ "$get_sum" = "$(printf '%s' "$SHA256" | tr 'A-F' 'a-f')" ] \
             || fatal "SHA-256 mismatch for $FROM: expected $SHA256, got $get_sum; nothing installed"
     fi
-    "$HOST_PYTHON" -c 'import ast, sys; ast.parse(open(sys.argv[1], "rb").read())' "$WORK/synchook.py" 2>/dev/null \
-        || fatal "$FROM is not a Python program (truncated download?); nothing installed"
-    VERSION=$("$HOST_PYTHON" -I -S "$WORK/synchook.py" --version 2>/dev/null) || VERSION=""
-    case $VERSION in
-        "synchook "*) ;;
-        *) fatal "$FROM does not answer --version with $HOST_PYTHON (truncated?); nothing installed" ;;
-    esac
+    # Whether it is a whole synchook that runs under $HOST_PYTHON is checked
+    # by merge_settings, in the one Python run that reads the settings with it.
 }
 
 # --- the settings ----------------------------------------------------------
 
-# The new config in $WORK/synchook.conf: the settings given now, over those of the
-# existing file (unless --reset), read with synchook's own parser and written with
-# sh quoting it reads back.  What changed goes to $WORK/changes, the values the
-# service will use for port, address and TLS to $WORK/port, listen, tls, secret.
+# One Python run with the new program: first, whether it is one (a download cut
+# short: exit 4 if it does not parse, 5 if it does not answer --version; its
+# answer goes to $WORK/version).  Then the new config in $WORK/synchook.conf:
+# the settings given now, over those of the existing file (unless --reset), read
+# with synchook's own parser and written with sh quoting it reads back.  What
+# changed goes to $WORK/changes, the values the service will use for port,
+# address and TLS to $WORK/port, listen, tls, secret.
 merge_settings() {
     merge_status=0
     "$HOST_PYTHON" -I -S - "$WORK" "$ROOT$CONFIG_FILE" "$RESET" "$SETTINGS_GIVEN" \
         2>"$WORK/merge.err" <<'PY' || merge_status=$?
-import os, re, sys
+import contextlib, io, os, re, sys
 work, existing, reset, given_any = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 sys.path.insert(0, work)
-import synchook
+try:
+    import synchook
+except SyntaxError:
+    sys.exit(4)
+except Exception:
+    sys.exit(5)
+answer = io.StringIO()
+try:
+    with contextlib.redirect_stdout(answer):
+        synchook.main(["--version"])
+except SystemExit as done:
+    if done.code not in (None, 0):
+        sys.exit(5)
+except Exception:
+    sys.exit(5)
+if not answer.getvalue().startswith("synchook "):
+    sys.exit(5)
+with open(os.path.join(work, "version"), "w") as out:
+    out.write(answer.getvalue().strip())
 old = {}
 if os.path.isfile(existing):
     try:
@@ -543,12 +559,17 @@ except ValueError:
 with open(os.path.join(work, "listen_stream"), "w") as out:
     out.write(stream)
 PY
-    if [ "$merge_status" = 3 ]; then
+    if [ "$merge_status" = 4 ]; then
+        fatal "$FROM is not a Python program (truncated download?); nothing installed"
+    elif [ "$merge_status" = 5 ]; then
+        fatal "$FROM does not answer --version with $HOST_PYTHON (truncated?); nothing installed"
+    elif [ "$merge_status" = 3 ]; then
         usage_error "the settings are not valid, nothing installed: $(tail -n 1 "$WORK/merge.err")"
     elif [ "$merge_status" != 0 ]; then
         cat "$WORK/merge.err" >&2
         fatal "cannot merge the settings (see above); nothing installed"
     fi
+    VERSION=$(cat "$WORK/version")
     # synchook itself takes port 0 (a free one, for tests); a service needs a fixed one.
     [ "$(effective port)" != 0 ] || usage_error "the settings are not valid, nothing installed: --port 0: a service needs a fixed port (XO's bare tag calls 1727)"
     while read -r merge_change; do

@@ -3060,7 +3060,9 @@ class SyncWindow:
             self.opening = None
             self.post = None
             self.window_phases = self.phases     # a recovery's steps end with its window
-            self.cond.notify_all()
+            # No notify: the watchdog is woken where a deadline comes earlier;
+            # one that goes away finds it, when it wakes, with nothing to do
+            # (woken now, it would take the interpreter lock from this answer).
         self.marker.close_window()
         if self.guardian is not None:
             self.guardian.close_window()

@@ -26,8 +26,10 @@ sys.dont_write_bytecode = False
 
 
 MARKERS = {
-    "slow": "a module of a minute or more: the real guest, the databases, the benches, "
-            "XO's code (the fast subset: -m 'not slow')",
+    "slow": "a test of about a second or more on 2 cores (measured with --durations=0: a "
+            "real wait, a timeout, a --max-hold, an install), and the modules of a minute "
+            "or more: the real guest, the databases, the benches, XO's code (the fast "
+            "subset: -m 'not slow')",
     "install": "runs install.sh (many shell and Python forks per test)",
     "root": "needs root: loop devices, mounts, mount namespaces, other users (skips, "
             "saying so, without)",

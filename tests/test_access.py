@@ -110,6 +110,7 @@ def test_allow_list_ipv6_and_ipv4_mapped(start, rec):
     assert rec.lines() == ["sync"]
 
 
+@pytest.mark.slow
 def test_slowloris_dropped_after_header_timeout(start, rec):
     d = start("--header-timeout", "1", "--sync", rec.cmd("sync"))
     sock = socket.create_connection(("127.0.0.1", d.port))
@@ -147,6 +148,7 @@ def read_all(sock):
     (b"GET /sync HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"y" * 4000)
                                          for i in range(20)) + b"\r\n", b"431"),
 ])
+@pytest.mark.slow
 def test_oversized_heads_refused(start, rec, payload, status):
     d = start("--sync", rec.cmd("sync"))
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
@@ -167,6 +169,7 @@ def test_tls_garbage_dropped(start, rec):
     assert rec.lines() == ["sync"]
 
 
+@pytest.mark.slow
 def test_silent_connection_dropped(start):
     d = start("--header-timeout", "1", "--sync", "true")
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
@@ -181,6 +184,7 @@ def thread_count(pid):
     return int(fields["Threads"]), int(fields["VmRSS"].split()[0])
 
 
+@pytest.mark.slow
 def test_thousand_stalled_connections_do_not_starve_sync(start, rec):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 2200 and hard != resource.RLIM_INFINITY:
@@ -213,6 +217,7 @@ def test_thousand_stalled_connections_do_not_starve_sync(start, rec):
     assert rec.lines() == ["sync", "post"]
 
 
+@pytest.mark.slow
 def test_connections_busy_with_real_requests_are_not_evicted(start, rec):
     d = start("--max-connections", "4", "--log-level", "debug", "--sync",
               "sleep 1; " + rec.cmd("sync"))
@@ -242,6 +247,7 @@ def client_hello():
     return outgoing.read()
 
 
+@pytest.mark.slow
 def test_slow_tls_handshake_dropped_after_header_timeout(start, rec):
     d = start("--header-timeout", "1", "--sync", rec.cmd("sync"))
     hello = client_hello()
@@ -275,6 +281,7 @@ def test_default_listen_is_dual_stack(start, rec):
     d.wait_log(r"127\.0\.0\.1 GET /sync 200")         # mapped address logged as IPv4
 
 
+@pytest.mark.slow
 def test_a_flood_of_idle_connections_never_pushes_xo_out(start, rec):
     """A small cap, no --allow: strangers (127.0.0.2) open idle connections as
     fast as they can; XO (127.0.0.1, known by an earlier valid request) still

@@ -87,6 +87,7 @@ def test_call_without_as_xo_sends_the_documented_header(recorder):
     assert path == "/sync" and headers["Authorization"] == "Bearer cw=="
 
 
+@pytest.mark.slow
 def test_call_accepts_what_admins_type(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--listen", "::")
     targets = ["127.0.0.1:%d" % d.port, "[::1]:%d" % d.port,
@@ -212,6 +213,7 @@ def firewalled(tmp_path):
     system.close()
 
 
+@pytest.mark.slow
 def test_open_firewall_uses_the_active_firewall_and_summary_has_the_tag(firewalled, tmp_path):
     system, fake = firewalled, firewalled.fake
     calls = tmp_path / "calls"
@@ -281,6 +283,7 @@ def fake_tool(directory, name, text, calls, **places):
     os.chmod(str(directory / name), 0o755)
 
 
+@pytest.mark.slow
 def test_open_firewall_again_replaces_its_rules_and_never_doubles_them(firewalled, tmp_path):
     system, fake = firewalled, firewalled.fake
     calls, state = tmp_path / "calls", tmp_path / "rules"
@@ -307,6 +310,7 @@ def test_open_firewall_again_replaces_its_rules_and_never_doubles_them(firewalle
     assert out.returncode == 0 and state.read_text() == "", out.stderr
 
 
+@pytest.mark.slow
 def test_a_firewall_that_fails_rolls_back_and_installs_nothing(firewalled, tmp_path):
     system, fake = firewalled, firewalled.fake
     calls = tmp_path / "calls"

@@ -10,6 +10,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.xdist_group("freezes")        # it freezes a loop device of its own
 def test_bench_runs_and_prints_table_and_targets():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run"), "--idle", "1",
                           "--requests", "20", "--leak-requests", "40", "--crowd", "30",

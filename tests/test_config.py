@@ -54,6 +54,7 @@ def test_help_shows_each_flag_variable_and_default():
     assert synchook("--version").stdout.startswith("synchook ")
 
 
+@pytest.mark.slow
 def test_flag_beats_variable_beats_file_beats_default(start, tmp_path, rec):
     conf = tmp_path / "synchook.conf"
     conf.write_text("# comment\nSYNCHOOK_SYNC='%s'\nSYNCHOOK_POST_SYNC=\"%s\"\n"

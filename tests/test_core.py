@@ -36,6 +36,7 @@ def test_missing_command_is_500_not_found(start):
     assert d.get("/sync") == (500, "command not found")
 
 
+@pytest.mark.slow
 def test_timeout_with_grandchild_holding_pipe(start, tmp_path):
     pidfile = tmp_path / "grandchild.pid"
     # The grandchild ignores SIGTERM and keeps stdout open.
@@ -147,6 +148,7 @@ def raw(d, data, read=True):
     b"GET /sync HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
     b"GET /sync HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
 ])
+@pytest.mark.slow
 def test_malformed_requests_400_nothing_runs(start, rec, request_bytes):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
     answer = raw(d, request_bytes)

@@ -77,6 +77,7 @@ def synchook_state(pid):
 
 
 @pytest.mark.parametrize("python", interpreters())
+@pytest.mark.slow
 def test_sigkill_while_frozen_thaws_within_2_s(start, rec, loops, python):
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"), "--tls", "off",
@@ -121,6 +122,7 @@ def guardians_of(runtime):
     return found
 
 
+@pytest.mark.slow
 def test_guardian_lost_during_a_window_is_replaced_and_releases(start, rec):
     """The first guardian's timer, orphaned, must never act: it exits, and
     nothing of either guardian is left once the window is released."""
@@ -178,6 +180,7 @@ def test_clean_stop_leaves_no_guardian_behind(start, rec):
 
 # 2. Exactly once: a restart racing the guardian ----------------------------------------
 
+@pytest.mark.slow
 def test_kill_and_immediate_restart_runs_the_post_phase_once(start, rec):
     args = ("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
     d = start(*args)
@@ -288,6 +291,7 @@ def root(loops, tmp_path):
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_frozen_root_sigkill_no_restart_thawed_within_2_s(root):
     m = root
     proc = m.frozen_window()
@@ -307,6 +311,7 @@ def test_frozen_root_sigkill_no_restart_thawed_within_2_s(root):
     probe.close()
 
 
+@pytest.mark.slow
 def test_frozen_root_restart_while_still_frozen_recovers(root):
     """The guardian lost too (a whole service SIGKILLed): the restart, started from
     M with its runtime dir's parent on M, must recover before it blocks on M."""
@@ -324,6 +329,7 @@ def test_frozen_root_restart_while_still_frozen_recovers(root):
     assert restart.wait(20) == 0
 
 
+@pytest.mark.slow
 def test_frozen_root_sigterm_with_many_lines_queued(root):
     m = root
     proc = m.frozen_window(extra="--hold 'seq 1 1500; cat >/dev/null'", log_level="debug")
@@ -340,6 +346,7 @@ def test_frozen_root_sigterm_with_many_lines_queued(root):
 # 4. Thawed by identity, not by path ---------------------------------------------------
 
 @pytest.mark.parametrize("how", ["restart", "recover"])
+@pytest.mark.slow
 def test_recovery_finds_the_frozen_filesystem_by_device(start, loops, rec, tmp_path, how):
     a = loops.add(name="x/data")
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"))
@@ -544,6 +551,7 @@ def counting_server(keep_alive):
     ("timeout=3", 1.5, 2),       # 3 s less 2 s: gone after 1 s, a new one
     ("timeout=2", 0.1, 2),       # 2 s less 2 s: never reused
 ])
+@pytest.mark.slow
 def test_call_as_xo_reuses_a_connection_as_undici_does(keep_alive, pause, connections):
     server = counting_server(keep_alive)
     try:
@@ -569,6 +577,7 @@ def test_call_with_stdout_on_the_frozen_filesystem_still_sends_post_sync(start, 
     assert rec.lines() == ["post"]
 
 
+@pytest.mark.slow
 def test_loopback_status_readers_never_evict_xos_connection(start, rec):
     d = start("--allow", "127.0.0.2", "--max-connections", "8", "--sync", rec.cmd("sync"),
               "--post-sync", rec.cmd("post"), "--tls", "off")

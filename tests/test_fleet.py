@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from conftest import SYNCHOOK
 
 
@@ -26,24 +28,26 @@ def secret_file(tmp_path, name, value):
     return str(path)
 
 
+@pytest.mark.slow
 def test_fifty_vms_some_misconfigured(start, rec, tmp_path):
     """40 ready; 3 leave this host out of --allow; 3 want a secret the line
     lacks; 2 run --tls off against the bare tag's https; 2 run no synchook."""
     kinds = ["ok"] * 40 + ["allow"] * 3 + ["secret"] * 3 + ["tls-off"] * 2 + ["absent"] * 2
-    lines = []
+    daemons = {}
     for index, kind in enumerate(kinds, 1):
-        address = "127.0.1.%d" % index
-        args = ["--listen", address, "--sync", rec.cmd("sync-%d" % index)]
+        args = ["--listen", "127.0.1.%d" % index, "--sync", rec.cmd("sync-%d" % index)]
         if kind == "allow":
             args += ["--allow", "10.9.9.9"]
         if kind == "secret":
             args += ["--secret-file", secret_file(tmp_path, "s%d" % index, "S3cret")]
         if kind == "tls-off":
             args += ["--tls", "off"]
-        port = 1                                   # nothing listens there
         if kind != "absent":
-            port = start(*args).port
-        lines.append("vm-%02d-%s %s:%d" % (index, kind, address, port))
+            daemons[index] = start(*args, wait=False)      # all starting at once
+    lines = []
+    for index, kind in enumerate(kinds, 1):
+        port = daemons[index].wait_listening() if index in daemons else 1   # 1: nothing there
+        lines.append("vm-%02d-%s 127.0.1.%d:%d" % (index, kind, index, port))
     began = time.monotonic()
     out = fleet("-", "--timeout", "5", stdin="\n".join(lines) + "\n")
     took = time.monotonic() - began
@@ -88,6 +92,7 @@ VMS = [
 ]
 
 
+@pytest.mark.slow
 def test_the_vms_come_from_xos_rest_api(start, rec, tmp_path):
     d = start("--listen", "127.0.2.1", "--tls", "off", "--sync", rec.cmd("sync"),
               "--secret-file", secret_file(tmp_path, "s", "S3cret"))

@@ -27,6 +27,7 @@ FSTYPES = [pytest.param("ext4", id="ext4"),
 
 
 @pytest.mark.parametrize("fstype", FSTYPES)
+@pytest.mark.slow
 def test_freeze_then_thaw_first_on_post_sync(start, loops, fstype):
     a, b = loops.add(fstype), loops.add(fstype)
     # The post command writes into a frozen filesystem: it can only finish if the
@@ -60,6 +61,7 @@ def test_freeze_all_under_a_directory_skips_what_cannot_freeze(start, loops):
     assert_thawed(a)
 
 
+@pytest.mark.slow
 def test_max_hold_and_sigterm_thaw(start, loops):
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--max-hold", "1")
@@ -74,6 +76,7 @@ def test_max_hold_and_sigterm_thaw(start, loops):
     assert_thawed(a)
 
 
+@pytest.mark.slow
 def test_sigkill_while_frozen_restart_thaws_first(start, loops, rec):
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--post-sync", rec.cmd("post"))
@@ -89,6 +92,7 @@ def test_sigkill_while_frozen_restart_thaws_first(start, loops, rec):
     assert rec.lines() == ["post"]
 
 
+@pytest.mark.slow
 def test_bind_mount_of_a_frozen_filesystem_counts_as_done(start, loops):
     a = loops.add()
     bind = loops.base / "bind"
@@ -103,6 +107,7 @@ def test_bind_mount_of_a_frozen_filesystem_counts_as_done(start, loops):
     assert_thawed(str(bind))
 
 
+@pytest.mark.slow
 def test_mount_gone_since_start_fails_and_freezes_the_others(start, loops):
     """XO snapshots whatever /sync answers: the mounts that can be frozen are,
     and the answer names what failed and what was frozen anyway."""
@@ -119,6 +124,7 @@ def test_mount_gone_since_start_fails_and_freezes_the_others(start, loops):
     assert_thawed(a)
 
 
+@pytest.mark.slow
 def test_an_error_midway_freezes_the_rest_anyway(loops):
     """FIFREEZE failing (EIO) on the second filesystem, after the first froze:
     made to fail by a stand-in ioctl, the only way to get such an error here.
@@ -181,6 +187,7 @@ def test_synchook_on_the_frozen_filesystem_still_thaws(loops, tmp_path):
 
 
 @pytest.mark.parametrize("python", interpreters())
+@pytest.mark.slow
 def test_freeze_under_every_interpreter(start, loops, python):
     a = loops.add()
     d = start("--freeze", a, "--sync", "true", "--tls", "off", python=python)
@@ -190,6 +197,7 @@ def test_freeze_under_every_interpreter(start, loops, python):
     assert_thawed(a)
 
 
+@pytest.mark.slow
 def test_thaw_command_rescues_whoever_froze(loops):
     if shutil.which("fsfreeze") is None:
         pytest.skip("fsfreeze not installed (apt-get install util-linux)")
@@ -282,6 +290,7 @@ def test_freeze_under_restricts_the_selection():
     assert plan == []
 
 
+@pytest.mark.slow
 def test_the_tools_work_with_a_freeze_mount_missing(start, loops, tmp_path):
     """status and tag are wanted exactly when something is wrong: a --freeze
     mount gone since start stops neither; check lists it as a FAIL line."""

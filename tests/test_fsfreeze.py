@@ -50,6 +50,7 @@ def frozen_fs(tmp_path):
         run(["losetup", "-d", device])
 
 
+@pytest.mark.slow
 def test_fsfreeze_blocks_writer_until_post_sync(start, frozen_fs):
     d = start("--sync", "fsfreeze -f %s" % frozen_fs, "--post-sync", "fsfreeze -u %s" % frozen_fs)
     assert d.get("/sync") == (200, "Ok")
@@ -59,6 +60,7 @@ def test_fsfreeze_blocks_writer_until_post_sync(start, frozen_fs):
     assert done.wait(10), "writer still blocked after /post-sync"
 
 
+@pytest.mark.slow
 def test_fsfreeze_thawed_by_max_hold(start, frozen_fs):
     d = start("--sync", "fsfreeze -f %s" % frozen_fs, "--post-sync", "fsfreeze -u %s" % frozen_fs,
               "--max-hold", "2")

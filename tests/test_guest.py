@@ -249,14 +249,18 @@ while True:
 """
 
 
-def snapshot_disks(guest, names, tag, frozen, gap=2):
+def snapshot_disks(guest, names, tag, frozen, gap=2, between=None):
     """The hypervisor snapshots the disks one after the other, gap seconds
     apart, inside synchook's window (frozen) or not: {name: the image as it
-    was snapshotted}.  The guest goes on on new overlays."""
+    was snapshotted}.  The guest goes on on new overlays.  between, a shell
+    command, runs in the guest before each snapshot but the first (a control
+    uses it to make certain that something changed in between)."""
     if frozen:
         assert http_get(guest.port, "/sync", timeout=60) == (200, "Ok")
     images = {}
-    for name in names:
+    for index, name in enumerate(names):
+        if between and index:
+            guest.run(between, check=True, timeout=120)
         images[name] = guest.active[name]
         guest.active[name] = os.path.join(guest.work, "%s-%s.qcow2" % (name, tag))
         guest.snapshot(name, guest.active[name])
@@ -318,6 +322,8 @@ def test_disks_snapshotted_one_after_the_other_agree_with_the_freeze(guest):
 PG = "/usr/lib/postgresql/15/bin"
 PG_RUN = "runuser -u postgres -- "
 
+PG_CHECKPOINT = PG_RUN + "psql -h /run/pg -qc CHECKPOINT postgres"
+
 PG_START = ("mkdir -p /run/pg && chown postgres /run/pg && " + PG_RUN + PG +
             "/pg_ctl -D /data/a/pg -l /run/pg/log -w -t 240 start >/dev/null 2>&1")
 
@@ -343,7 +349,7 @@ def pg_workload(guest):
               check=True, timeout=400)
     guest.run("setsid " + PG_RUN + PG + "/pgbench -h /run/pg -c 2 -T 3600 postgres "
               "</dev/null >/dev/null 2>&1 & echo $! > /run/pgbench.pid; "
-              "setsid sh -c 'while :; do " + PG_RUN + "psql -h /run/pg -qc CHECKPOINT postgres; "
+              "setsid sh -c 'while :; do " + PG_CHECKPOINT + "; "
               "sleep 0.5; done' </dev/null >/dev/null 2>&1 & echo $! > /run/checkpoints.pid; "
               "sleep 5", check=True)
 
@@ -353,13 +359,17 @@ def test_postgresql_on_two_disks_restored_from_disk_by_disk_snapshots(guest):
     snapshots of the two disks, taken one after the other (the WAL's first,
     the data's 3 s later, checkpoints running).  With synchook's freeze
     PostgreSQL starts and pgbench's balances agree; without it (the control,
-    which must be able to fail) it does not start, or they disagree."""
+    a CHECKPOINT forced between the two snapshots, and still able to fail)
+    it does not start, or they disagree."""
     pg_workload(guest)
     images = {}
     try:
         for round_, frozen in ((1, True), (2, False)):
+            # The WAL's disk first; without synchook a CHECKPOINT between the
+            # two makes the torn pair certain (pg_control then names a
+            # checkpoint the WAL's copy does not have).
             taken = snapshot_disks(guest, ("data-b", "data-a"), "pg%d" % round_, frozen,
-                                   gap=3)                 # the WAL's disk first
+                                   gap=3, between=None if frozen else PG_CHECKPOINT)
             images.update(("%s-%d" % (name, round_), image) for name, image in taken.items())
     finally:
         guest.run("kill $(cat /run/checkpoints.pid) $(cat /run/pgbench.pid); sleep 1; " + PG_RUN + PG +

@@ -275,6 +275,7 @@ def test_body_smuggled_in_a_post_is_refused(start, rec):
 @pytest.mark.parametrize("first", [b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
                                    b"POST /sync HTTP/1.1\r\nHost: x\r\n\r\n",
                                    b"GET /sync?token=wrong HTTP/1.1\r\nHost: x\r\n\r\n"])
+@pytest.mark.slow
 def test_connection_closes_after_any_4xx(start, rec, first):
     d = start("--sync", rec.cmd("sync"), "--tls", "off", "--secret", "s")
     answer = exchange(d, first + b"GET /sync?token=s HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -289,6 +290,7 @@ def test_connection_closes_after_any_4xx(start, rec, first):
     b" GET /sync HTTP/1.1", b"GET /sync HTTP/1.1 ", b"GET /sy\x00nc HTTP/1.1",
     b"GET /sync\xff HTTP/1.1", b"G\x01ET /sync HTTP/1.1",
 ])
+@pytest.mark.slow
 def test_request_line_separators_are_single_spaces(start, rec, line):
     d = start("--sync", rec.cmd("sync"), "--tls", "off")
     answer = exchange(d, line + b"\r\nHost: x\r\n\r\n")
@@ -306,12 +308,14 @@ def test_control_bytes_in_header_values_400(start, rec, value):
     assert rec.lines() == []
 
 
+@pytest.mark.slow
 def test_tab_in_header_value_is_fine(start, rec):
     d = start("--sync", rec.cmd("sync"), "--tls", "off")
     answer = exchange(d, b"GET /sync HTTP/1.1\r\nHost: x\r\nX-A: a\tb\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 "), answer
 
 
+@pytest.mark.slow
 def test_repeated_sync_cannot_hold_the_window_past_twice_max_hold(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--max-hold", "1.5")
     began = time.monotonic()
@@ -326,6 +330,7 @@ def test_repeated_sync_cannot_hold_the_window_past_twice_max_hold(start, rec):
     d.wait_log(r"no /post-sync within --max-hold")
 
 
+@pytest.mark.slow
 def test_noise_from_one_client_is_bounded_and_summed_up(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--tls", "off")
     for i in range(300):

@@ -122,6 +122,7 @@ def make_root(tmp_path, kind, python=True):
     return root
 
 
+@pytest.mark.slow
 def test_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
@@ -143,6 +144,7 @@ def test_installer_knows_every_daemon_option():
 
 @pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize("kind", ["systemd", "openrc", "sysv", "buildroot", "rc.local"])
+@pytest.mark.slow
 def test_install_into_root_detects_init_and_writes_files(shell, kind, tmp_path):
     root = make_root(tmp_path, kind)
     out = install(shell, "--root", str(root), "--sync", "fsfreeze -f /data",
@@ -224,6 +226,7 @@ def test_systemd_unit_passes_systemd_analyze(shell, tmp_path):
 @pytest.mark.parametrize("listen, stream", [("127.0.0.1", "127.0.0.1:1800"),
                                             ("[fe80::1]", "[fe80::1]:1800"),
                                             ("::", "1800"), ("xo-guest.lan", None)])
+@pytest.mark.slow
 def test_the_socket_unit_binds_what_listen_names(tmp_path, listen, stream):
     root = make_root(tmp_path, "systemd")
     assert install(["dash"], "--root", str(root), "--sync", "true", "--listen", listen,
@@ -238,6 +241,7 @@ def test_the_socket_unit_binds_what_listen_names(tmp_path, listen, stream):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_rerun_is_idempotent_and_keeps_config(shell, tmp_path):
     root = make_root(tmp_path, "rc.local")
     (root / "etc/rc.local").write_text("#!/bin/sh\necho mine\nexit 0\n")
@@ -255,6 +259,7 @@ def test_rerun_is_idempotent_and_keeps_config(shell, tmp_path):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_hostile_values_round_trip_into_running_daemon(shell, tmp_path, start):
     out_file = tmp_path / "out"
     weird = "it's \"$HOME\" \\ `id` $(id) ; & | \n second line\t\n"
@@ -275,6 +280,7 @@ def test_hostile_values_round_trip_into_running_daemon(shell, tmp_path, start):
 
 @pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize("kind", ["systemd", "sysv", "rc.local", "openrc"])
+@pytest.mark.slow
 def test_uninstall_and_purge_leave_nothing(shell, kind, tmp_path):
     root = make_root(tmp_path, kind)
     if kind == "rc.local":
@@ -291,6 +297,7 @@ def test_uninstall_and_purge_leave_nothing(shell, kind, tmp_path):
 
 @pytest.mark.parametrize("quoted", ['SYNCHOOK_STATE_DIR="/var/lib/my state"',
                                     "export SYNCHOOK_STATE_DIR='/var/lib/my state' # mine"])
+@pytest.mark.slow
 def test_purge_reads_the_state_dir_as_synchook_does(tmp_path, quoted):
     root = make_root(tmp_path, "sysv")
     assert install(["dash"], "--root", str(root), "--sync", "x").returncode == 0
@@ -361,6 +368,7 @@ def web(tmp_path):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_curl_pipe_install_with_sha256(shell, tmp_path, web):
     if shutil.which("curl") is None:
         pytest.skip("curl not installed (apt-get install curl)")
@@ -441,6 +449,7 @@ def test_help_lists_variables():
 
 
 @pytest.mark.parametrize("downloader", ["wget", "python3"])
+@pytest.mark.slow
 def test_download_without_curl(tmp_path, web, downloader):
     """No curl: wget, else python3's urllib, fetches synchook.py."""
     bin_dir = tmp_path / "bin"
@@ -476,6 +485,7 @@ def test_root_without_python_names_both_fixes(shell, tmp_path):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_python_flag_is_what_the_service_runs(shell, tmp_path):
     root = make_root(tmp_path, "rc.local", python=False)
     out = install(shell, "--root", str(root), "--python", "/opt/py/bin/python3", "--sync", "x")
@@ -506,6 +516,7 @@ def test_rcs_that_runs_no_s_scripts_gets_no_s99(tmp_path):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_nothing_written_is_open_to_others_whatever_the_umask(shell, tmp_path):
     """Under umask 000 as under 077: directories and programs 0755, the module and
     its bytecode 0644, the config 0600; nothing writable by group or others."""
@@ -540,6 +551,7 @@ def test_nothing_written_is_open_to_others_whatever_the_umask(shell, tmp_path):
     (["--port", "0"], "--port 0: a service needs a fixed port"),
     (["--allow", "fe80::1%x;touch${IFS}F;#"], "a zone (%...) has no place in --allow"),
 ])
+@pytest.mark.slow
 def test_bad_setting_is_refused_before_anything_is_written(shell, tmp_path, args, shown):
     root = make_root(tmp_path, "sysv")
     before = tree(root)
@@ -555,6 +567,7 @@ def test_sha256_must_be_64_hex_digits(tmp_path, value):
     assert out.returncode == 2 and "--sha256" in out.stderr
 
 
+@pytest.mark.slow
 def test_uninstall_dry_run_says_would_remove(tmp_path):
     root = make_root(tmp_path, "sysv")
     assert install(["dash"], "--root", str(root), "--sync", "x").returncode == 0
@@ -568,6 +581,7 @@ def test_uninstall_dry_run_says_would_remove(tmp_path):
 # Re-runs keep what they are not told to change ------------------------------------------------
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_rerun_keeps_settings_not_given_and_reset_forgets(shell, tmp_path):
     root = make_root(tmp_path, "sysv")
     out = install(shell, "--root", str(root), "--sync", "one",
@@ -595,6 +609,7 @@ def test_rerun_keeps_settings_not_given_and_reset_forgets(shell, tmp_path):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_rerun_keeps_the_installed_kind_and_init_switches_cleanly(shell, tmp_path):
     root = make_root(tmp_path, "sysv")                 # has etc/init.d and rc?.d
     assert install(shell, "--root", str(root), "--init", "rc.local", "--sync", "x").returncode == 0
@@ -611,7 +626,8 @@ def test_rerun_keeps_the_installed_kind_and_init_switches_cleanly(shell, tmp_pat
 # Real installs, in a private mount namespace: the host's /etc, /run, /var are never touched --
 
 TEST_MOUNTS = (os.path.join(tempfile.gettempdir(), "pytest-of-"),   # conftest's loops
-               os.path.join(tempfile.gettempdir(), "synchook-consistency-"))
+               os.path.join(tempfile.gettempdir(), "synchook-consistency-"),
+               os.path.join(tempfile.gettempdir(), "synchook-freeze-"))   # bench/freeze's
 
 
 def mount_points():
@@ -688,6 +704,7 @@ def answers(port, timeout=5):
         conn.close()
 
 
+@pytest.mark.slow
 def test_sysv_script_really_starts_reports_and_stops(private_system):
     system = private_system
     port = free_port()
@@ -736,6 +753,7 @@ def test_sysv_script_really_starts_reports_and_stops(private_system):
     assert not answers(port)
 
 
+@pytest.mark.slow
 def test_sysv_start_with_a_bad_setting_shows_the_error_and_logs_it(private_system):
     system = private_system
     port = free_port()
@@ -755,6 +773,7 @@ def test_sysv_start_with_a_bad_setting_shows_the_error_and_logs_it(private_syste
     assert line in logged, logged
 
 
+@pytest.mark.slow
 def test_port_held_by_another_program_fails_the_install(private_system):
     system = private_system
     with socket.socket() as squatter:
@@ -769,6 +788,7 @@ def test_port_held_by_another_program_fails_the_install(private_system):
     assert not os.path.exists(system.path("/etc/synchook.conf"))
 
 
+@pytest.mark.slow
 def test_rc_local_really_starts_at_boot_and_uninstalls(private_system):
     system = private_system
     port = free_port()
@@ -794,6 +814,7 @@ def test_rc_local_really_starts_at_boot_and_uninstalls(private_system):
         assert not os.path.exists(system.path(path)), path
 
 
+@pytest.mark.slow
 def test_init_systemd_without_systemd_running_fails(private_system):
     if not shutil.which("systemctl"):
         pytest.skip("no systemctl here to fail (apt-get install systemd)")
@@ -832,6 +853,7 @@ def test_sysv_script_takes_a_zombie_for_not_running(shell, tmp_path):
         zombie.wait()
 
 
+@pytest.mark.slow
 def test_reinstall_with_a_setting_that_would_not_start_changes_nothing(private_system):
     system = private_system
     port = free_port()
@@ -851,6 +873,7 @@ def sysv_links(system):
 
 
 @pytest.mark.parametrize("init", [[], ["--init", "rc.local"]], ids=["same-init", "other-init"])
+@pytest.mark.slow
 def test_failed_start_after_reinstall_puts_the_previous_agent_back(private_system, init):
     """A start can still fail where no check foresaw it (here: the runtime dir held
     by another synchook): the previous program, settings and service come back,
@@ -893,6 +916,7 @@ def test_version_is_synchook_s():
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.slow
 def test_unset_drops_one_setting_and_keeps_the_rest(shell, tmp_path):
     root = make_root(tmp_path, "sysv")
     assert install(shell, "--root", str(root), "--sync", "one", "--allow",

@@ -139,6 +139,7 @@ def test_syslog_messages_arrive_with_priority(tmp_path):
 
 
 @pytest.mark.root
+@pytest.mark.slow
 def test_syslog_full_socket_drops_and_counts(tmp_path):
     with daemon_in_namespace(tmp_path, True, "seq 1 3000") as (port, receiver, _):
         read_datagrams(receiver, "listening on")
@@ -219,6 +220,7 @@ def daemon_logging_to_file(tmp_path, *args):
     return proc, port, path
 
 
+@pytest.mark.slow
 def test_log_in_a_file_never_stops_with_windows_back_to_back(tmp_path):
     """XO snapshots twice in a row: the second /sync arrives while the first
     window's post phase runs (a hold() right after a release()).  1.4.0's

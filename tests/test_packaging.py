@@ -61,6 +61,7 @@ def read(path, mode="r"):
 
 # The build ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_builds_are_byte_identical_and_named_by_version(built, tmp_path):
     again = build_packages(tmp_path)
     for kind, path in built.items():
@@ -73,6 +74,7 @@ def test_two_builds_are_byte_identical_and_named_by_version(built, tmp_path):
                                   for path in built.values())
 
 
+@pytest.mark.slow
 def test_lintian_finds_nothing(built):
     if shutil.which("lintian") is None:
         pytest.skip("no lintian here (apt-get install lintian)")
@@ -81,6 +83,7 @@ def test_lintian_finds_nothing(built):
     assert found == [] and result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_rpmlint_finds_nothing(built, tmp_path):
     needs_rpm(built)
     if shutil.which("rpmlint") is None:
@@ -104,6 +107,7 @@ def install_sh_files(tmp_path, init):
     return str(root)
 
 
+@pytest.mark.slow
 def test_the_packages_hold_the_files_install_sh_writes(unpacked, tmp_path):
     """One source of truth: the program, its launcher, the units, the SysV script."""
     systemd = install_sh_files(tmp_path, "systemd")
@@ -206,6 +210,7 @@ def configure(config, *args):
     return run([sys.executable, SYNCHOOK, "configure", "--config", str(config)] + list(args))
 
 
+@pytest.mark.slow
 def test_configure_merges_checks_and_writes_the_file(tmp_path):
     config = tmp_path / "synchook.conf"
     runtime = str(tmp_path / "run")
@@ -247,6 +252,7 @@ def test_configure_merges_checks_and_writes_the_file(tmp_path):
     assert unknown.returncode == 2 and "--unset colour: no such setting" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_configure_opens_a_running_closed_synchook_in_place(start, rec, tmp_path):
     """The package's path: closed, configure --allow, and the same process (the
     same socket) serves with the new settings."""

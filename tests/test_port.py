@@ -37,6 +37,7 @@ def port_thief(port, stop, taken):
             sock.close()
 
 
+@pytest.mark.slow
 def test_restart_in_place_keeps_the_port_and_every_connection(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
     pid = d.proc.pid
@@ -62,6 +63,7 @@ def test_restart_in_place_keeps_the_port_and_every_connection(start, rec):
     assert rec.lines() == ["sync", "post"]
 
 
+@pytest.mark.slow
 def test_restart_in_place_waits_for_the_open_window(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"))
     assert d.get("/sync") == (200, "Ok")

@@ -23,6 +23,7 @@ def hold_pid(d):
     return status
 
 
+@pytest.mark.slow
 def test_hold_runs_for_the_whole_window(start, rec):
     d = start("--hold", hold_cmd(rec, 0.5), "--sync", rec.cmd("sync"),
               "--post-sync", rec.cmd("post"))
@@ -37,6 +38,7 @@ def test_hold_runs_for_the_whole_window(start, rec):
     d.wait_log(r"hold\| locked")
 
 
+@pytest.mark.slow
 def test_hold_ended_at_max_hold(start, rec):
     d = start("--hold", hold_cmd(rec), "--sync", rec.cmd("sync"), "--max-hold", "1")
     assert d.get("/sync") == (200, "Ok")
@@ -59,6 +61,7 @@ def test_hold_ends_when_synchook_is_killed(start, rec):
     rec.wait_for(["hold-start", "sync", "hold-end"], timeout=5)   # its stdin closed
 
 
+@pytest.mark.slow
 def test_hold_that_never_prints_fails_sync_within_timeout(start, rec, tmp_path):
     pidfile = tmp_path / "hold.pid"
     d = start("--hold", "echo $$ > %s; exec sleep 600" % pidfile, "--timeout", "1",
@@ -239,6 +242,7 @@ def test_call_reports_failing_hook(start):
     assert "post-sync 200 Ok" in out.stdout
 
 
+@pytest.mark.slow
 def test_call_says_refused_dropped_or_slow():
     """Three failures an admin must tell apart: nothing listens (refused), the
     packets vanish (dropped: here a full accept queue, where the kernel drops
@@ -303,6 +307,7 @@ def test_check_good_configuration(tmp_path, rec, shared_cert, hooks_dir):
     assert "ok     sync: ok (" in out.stdout
 
 
+@pytest.mark.slow
 def test_check_bad_configuration(tmp_path, rec):
     bad_cert = tmp_path / "bad.pem"
     bad_cert.write_text("garbage")
@@ -359,6 +364,7 @@ def test_readme_mysql_recipe_with_stand_in(start, rec, tmp_path):
     assert rec.lines() == ["lock", "sync", "post", "unlock"]
 
 
+@pytest.mark.slow
 def test_check_no_run_checks_like_a_start_and_runs_nothing(rec, tmp_path):
     out = check("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--no-run",
                 "--tls", "off", "--port", "0", "--runtime-dir", str(tmp_path / "r"))

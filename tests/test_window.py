@@ -8,6 +8,8 @@ import stat
 import threading
 import time
 
+import pytest
+
 import synchook
 from conftest import read_marker, run, window_open
 
@@ -39,6 +41,7 @@ def test_twenty_concurrent_syncs_run_once_one_post_releases(start, rec):
     assert status["state"] == "idle"
 
 
+@pytest.mark.slow
 def test_commands_never_overlap(start, tmp_path):
     lock = tmp_path / "lock"
     overlap = tmp_path / "overlap"
@@ -50,6 +53,7 @@ def test_commands_never_overlap(start, tmp_path):
     assert not overlap.exists()
 
 
+@pytest.mark.slow
 def test_sync_while_open_does_not_rerun_and_restarts_max_hold(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--max-hold", "2")
     assert d.get("/sync") == (200, "Ok")
@@ -70,6 +74,7 @@ def test_failed_sync_still_owes_post(start, rec):
     assert rec.lines() == ["sync", "post"]
 
 
+@pytest.mark.slow
 def test_timed_out_sync_still_owes_post(start, rec):
     d = start("--sync", rec.cmd("sync") + "; sleep 30", "--timeout", "0.5",
               "--post-sync", rec.cmd("post"), "--max-hold", "1")
@@ -93,6 +98,7 @@ def test_post_sync_during_slow_sync_cuts_it_short(start, rec):
     assert rec.lines() == ["sync-start", "post"]
 
 
+@pytest.mark.slow
 def test_max_hold_release_then_late_post_not_rerun(start, rec):
     d = start("--sync", rec.cmd("sync"), "--post-sync", rec.cmd("post"), "--max-hold", "1")
     assert d.get("/sync") == (200, "Ok")
@@ -119,6 +125,7 @@ def test_sigterm_with_open_window_runs_post_and_exits_0(start, rec):
     assert not window_open(d.runtime)
 
 
+@pytest.mark.slow
 def test_sigint_lets_running_sync_finish_then_releases(start, rec):
     d = start("--sync", "sleep 1; " + rec.cmd("sync"), "--post-sync", rec.cmd("post"))
     t = threading.Thread(target=lambda: d.get("/sync"))
@@ -176,6 +183,7 @@ def test_status_reports_open_window(start):
     assert status["version"] and status["uptime"] >= 0
 
 
+@pytest.mark.slow
 def test_idle_server_makes_no_wakeups(start):
     """No periodic polling: the process's context switches stay flat while idle."""
     d = start("--sync", "true", "--post-sync", "true")
