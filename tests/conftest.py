@@ -57,9 +57,24 @@ def xdist_group(item):
     return None
 
 
+# The groups in the order the workers get them, the longest first: the real
+# guest's module (7 to 8 min) given last would run alone at the end.
+GROUP_ORDER = ("guest", "freezes", "install")
+
+
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", "%s: %s" % (name, text))
+    # pytest-xdist hands out the groups in collection order (GROUP_ORDER, set
+    # below), not sorted by their number of tests.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def group_rank(item):
+    mark = item.get_closest_marker("xdist_group")
+    name = (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+    return GROUP_ORDER.index(name) if name in GROUP_ORDER else len(GROUP_ORDER)
 
 
 @pytest.hookimpl(tryfirst=True)          # before pytest-xdist reads the groups
@@ -70,6 +85,7 @@ def pytest_collection_modifyitems(items):
         group = xdist_group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=group_rank)           # stable: each group in collection order
 
 
 def interpreters():
