@@ -472,8 +472,7 @@ get_program() {
         [ "$get_sum" = "$(printf '%s' "$SHA256" | tr 'A-F' 'a-f')" ] \
             || fatal "SHA-256 mismatch for $FROM: expected $SHA256, got $get_sum; nothing installed"
     fi
-    # Whether it is a whole synchook that runs under $HOST_PYTHON is checked
-    # by merge_settings, in the one Python run that reads the settings with it.
+    # Whether it is a whole synchook that runs under $HOST_PYTHON: merge_settings.
 }
 
 # --- the settings ----------------------------------------------------------
@@ -501,10 +500,9 @@ except Exception:
 answer = io.StringIO()
 try:
     with contextlib.redirect_stdout(answer):
-        synchook.main(["--version"])
-except SystemExit as done:
-    if done.code not in (None, 0):
-        sys.exit(5)
+        synchook.main(["--version"])          # argparse prints, then exits
+except SystemExit:
+    pass
 except Exception:
     sys.exit(5)
 if not answer.getvalue().startswith("synchook "):
