@@ -45,7 +45,8 @@ def xdist_group(item):
     the real guest's module (one VM for all its tests, not one per worker); the
     tests that freeze loop devices, with those that read what is frozen on the
     whole machine (`synchook status`, marked xdist_group("freezes")), so that none
-    sees another's freeze; the real installs (each a mount namespace, a service)."""
+    sees another's freeze; the real installs (each a mount namespace, a service);
+    the packages' tests (one build of the packages)."""
     module = item.module.__name__
     if module == "test_guest":
         return "guest"
@@ -54,12 +55,14 @@ def xdist_group(item):
     if item.get_closest_marker("install") or {"private_system", "firewalled"} & set(
             item.fixturenames):
         return "install"
+    if module == "test_packaging":
+        return "packaging"          # its packages built once (a module fixture), not per worker
     return None
 
 
 # The groups in the order the workers get them, the longest first: the real
 # guest's module (7 to 8 min) given last would run alone at the end.
-GROUP_ORDER = ("guest", "freezes", "install")
+GROUP_ORDER = ("guest", "freezes", "install", "packaging")
 
 
 def pytest_configure(config):
@@ -279,6 +282,20 @@ def children(pid):
     return found
 
 
+def group_alive(pgid):
+    """Is a process of group pgid still running (a zombie, done, is not)?  Once
+    none is, nothing a hook command had still to do can happen any more."""
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue                   # not a process, or gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 @pytest.fixture
 def start(tmp_path, shared_cert):
     """start(*args, env=..., python=...) -> a running Daemon, stopped at teardown."""
@@ -411,10 +428,13 @@ def build_packages(out, version=None):
 
 def start_writer(point, name="data"):
     """A write to a file under point that completes only on a writable (not
-    frozen) filesystem; returns an Event set when it did."""
+    frozen) filesystem; returns an Event set when it did, its `tid` the writing
+    thread's."""
     done = threading.Event()
+    done.tid = None
 
     def write():
+        done.tid = threading.get_native_id()
         with open(os.path.join(point, name), "w") as handle:
             handle.write("x" * 4096)
             handle.flush()
@@ -430,7 +450,8 @@ def start_writer(point, name="data"):
 def why_not():
     if os.geteuid() != 0:
         return "needs root (loop devices, mount)"
-    missing = [t for t in ("losetup", "mkfs.ext4", "mount", "umount") if not shutil.which(t)]
+    missing = [t for t in ("losetup", "mkfs.ext4", "mount", "umount", "fsfreeze")
+               if not shutil.which(t)]
     if missing:
         return "missing tools: %s (apt-get install util-linux e2fsprogs)" % ", ".join(missing)
     return None
@@ -467,8 +488,10 @@ class Loops:
         return str(point)
 
     def close(self):
+        # Whatever happened, thawed: fsfreeze, not `synchook thaw` (a Python start
+        # per mount, 0.15 s, in some 60 tests); nothing is ever mounted below a point.
         for point in reversed(self.points):
-            run([sys.executable, SYNCHOOK, "thaw", "--under", point])   # whatever happened
+            run(["fsfreeze", "--unfreeze", point])
         for point in reversed(self.points):
             run(["umount", "-l", point])
         for device in self.devices:
@@ -485,8 +508,26 @@ def loops(tmp_path):
     made.close()
 
 
+FREEZE_WAIT_CHANNEL = "percpu_rwsem_wait"   # where a write sleeps on a frozen filesystem
+
+
+def waits_on_freeze(writer, timeout=0.5):
+    """Is writer (start_writer's) held by a frozen filesystem?  Its thread then
+    sleeps in the kernel where sb_start_write waits for the thaw (the wait
+    channel FREEZE_WAIT_CHANNEL), which shows at once; where the kernel names no
+    wait channel, not done within timeout seconds counts as held."""
+    def held():
+        try:
+            with open("/proc/self/task/%d/wchan" % writer.tid) as handle:
+                return handle.read().strip() == FREEZE_WAIT_CHANNEL
+        except (OSError, TypeError):       # gone (done), or not started yet
+            return False
+    wait_until(lambda: writer.is_set() or held(), timeout, step=0.005)
+    return not writer.is_set()
+
+
 def assert_frozen(point):
-    assert not start_writer(point).wait(0.5), "%s is not frozen" % point
+    assert waits_on_freeze(start_writer(point)), "%s is not frozen" % point
 
 
 def assert_thawed(point):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import read_text, run, start_writer, wait_until
+from conftest import read_text, run, start_writer, wait_until, waits_on_freeze
 
 NEEDED = ["losetup", "mkfs.ext4", "mount", "umount", "fsfreeze"]
 
@@ -55,7 +55,7 @@ def test_fsfreeze_blocks_writer_until_post_sync(start, frozen_fs):
     d = start("--sync", "fsfreeze -f %s" % frozen_fs, "--post-sync", "fsfreeze -u %s" % frozen_fs)
     assert d.get("/sync") == (200, "Ok")
     done = start_writer(frozen_fs)
-    assert not done.wait(1.0), "write went through a frozen filesystem"
+    assert waits_on_freeze(done, 1.0), "write went through a frozen filesystem"
     assert d.get("/post-sync") == (200, "Ok")
     assert done.wait(10), "writer still blocked after /post-sync"
 
@@ -66,7 +66,7 @@ def test_fsfreeze_thawed_by_max_hold(start, frozen_fs):
               "--max-hold", "2")
     assert d.get("/sync") == (200, "Ok")
     done = start_writer(frozen_fs)
-    assert not done.wait(1.0), "write went through a frozen filesystem"
+    assert waits_on_freeze(done, 1.0), "write went through a frozen filesystem"
     assert done.wait(10), "max-hold did not thaw the filesystem"
     d.wait_log(r"no /post-sync within --max-hold")
 

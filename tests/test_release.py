@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import SYNCHOOK, accepts, free_port, read_marker, run, wait_until, window_open
+from conftest import (SYNCHOOK, accepts, free_port, group_alive, read_marker, run, wait_until,
+                      window_open)
 
 pytestmark = pytest.mark.slow
 
@@ -272,8 +273,11 @@ def test_crash_mid_sync_restart_ends_the_sync_command_before_the_post(start, rec
     d.kill_all()                                   # the guardian too: the restart's job
     d2 = start("--sync", sync, "--post-sync", rec.cmd("post"), "--runtime-dir", d.runtime)
     d2.wait_log(r"ending process group %d" % marker["groups"][0]["pgid"])
-    time.sleep(4)                                  # the old "sleep 3" would be done by now
-    assert rec.lines() == ["sync-start", "post"]
+    # The old command's group ended, "frozen" can never be written: no need to
+    # wait its "sleep 3" out.
+    wait_until(lambda: not group_alive(marker["groups"][0]["pgid"]), 10,
+               "the old sync command's process group ended")
+    rec.wait_for(["sync-start", "post"])
 
 
 def test_marker_group_with_reused_pid_is_left_alone(start, rec, tmp_path):

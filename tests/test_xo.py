@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, group_alive, wait_until
 
 XO = os.path.join(ROOT, "tests", "xo")
 XO_CODE = os.path.join(XO, "node_modules", "@xen-orchestra", "xapi", "vm.mjs")
@@ -144,8 +144,10 @@ def test_checkpoint_falling_back_to_snapshot_syncs_once_posts_once(start, rec):
     assert rec.lines() == ["sync", "post"]
 
 
-def test_sync_slower_than_xo_timeout(start, rec):
-    d = start("--sync", rec.cmd("start") + "; sleep 8; " + rec.cmd("late"),
+def test_sync_slower_than_xo_timeout(start, rec, tmp_path):
+    pid_file = tmp_path / "sync.pid"
+    d = start("--sync", "echo $$ > %s; %s; sleep 8; %s" % (pid_file, rec.cmd("start"),
+                                                           rec.cmd("late")),
               "--post-sync", rec.cmd("post"))
     began = time.monotonic()
     # 2.5 s: XO's timeout applies to /post-sync too, which must end the sync command
@@ -157,7 +159,10 @@ def test_sync_slower_than_xo_timeout(start, rec):
     assert "TimeoutError" in report["requests"][0]["error"]
     assert report["result"] == "OpaqueRef:snapshot"  # and snapshotted anyway
     assert report["requests"][1]["status"] == 200    # /post-sync ended the sync command
-    time.sleep(max(0, began + 9 - time.monotonic()))
+    # Its process group ended (its shell leads it), "late" can never be written:
+    # no need to wait the 8 s out.
+    wait_until(lambda: not group_alive(int(pid_file.read_text())), 5,
+               "the sync command's process group ended")
     assert rec.lines() == ["start", "post"]          # "late" never happened
 
 
