@@ -841,10 +841,13 @@ def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), 
                     probe.take()
                     xo = xo_snapshot(hooks[mode].port if hooks[mode] else None, argv,
                                      [int(gap * 1000)] * (len(argv) - 1))
-                    taken.append({"number": number, "mode": mode, "gap": gap,
-                                  "stall": probe.take(),
-                                  "hooks": [(r["url"].split("?")[0].rsplit("/", 1)[-1],
-                                             r["status"]) for r in xo["requests"]]})
+                    snapshot = {"number": number, "mode": mode, "gap": gap,
+                                "stall": probe.take(),
+                                "hooks": [(r["url"].split("?")[0].rsplit("/", 1)[-1],
+                                           r["status"]) for r in xo["requests"]]}
+                    if hooks[mode] and any(status != 200 for _, status in snapshot["hooks"]):
+                        snapshot["log"] = hooks[mode].text()[-3000:]   # says why, when kept
+                    taken.append(snapshot)
             spent += time.monotonic() - began
             committed += database.commits() - before
             for snapshot in taken:

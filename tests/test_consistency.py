@@ -24,8 +24,11 @@ def skip_unless_possible(kind):
 
 
 def describe(finding):
-    return "%s #%d (gap %.2f s): %s" % (finding["mode"], finding["number"], finding["gap"],
-                                         "; ".join(finding["problems"]) or "consistent")
+    """One line, and synchook's log when a hook's answer was not 200."""
+    return "%s #%d (gap %.2f s): %s%s" % (
+        finding["mode"], finding["number"], finding["gap"],
+        "; ".join(finding["problems"]) or "consistent",
+        "\nsynchook's log:\n" + finding["log"] if "log" in finding else "")
 
 
 @pytest.mark.parametrize("kind", DATABASES)
