@@ -846,7 +846,7 @@ def consistency_run(kind, modes, snapshots, gaps=(0.2, 0.5), settle=(0.5, 1.5), 
                                 "hooks": [(r["url"].split("?")[0].rsplit("/", 1)[-1],
                                            r["status"]) for r in xo["requests"]]}
                     if hooks[mode] and any(status != 200 for _, status in snapshot["hooks"]):
-                        snapshot["log"] = hooks[mode].text()[-3000:]   # says why, when kept
+                        snapshot["log"] = hooks[mode].text()[-3000:]   # why: it goes with base
                     taken.append(snapshot)
             spent += time.monotonic() - began
             committed += database.commits() - before
